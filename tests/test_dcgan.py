@@ -1,0 +1,154 @@
+"""dcgan.py through its real entry point (main(argv) in-process, and one real subprocess)."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import dcgan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--data", "fake", "--ngf", "8", "--ndf", "8", "--batch-size", "16", "--log-every", "1"]
+
+
+def run(tmp_path, *extra):
+    out = str(tmp_path / "run")
+    dcgan.main(SMALL + ["--out", out, *extra])
+    return out
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_parameter_counts_match_the_paper_architecture():
+    # pytorch/examples' dcgan at 64x64x3 with nz=100, ngf=ndf=64.
+    G, D = dcgan.build(dict(latent_dim=100, ngf=64, ndf=64, channels=3, img_size=64))
+    assert (n_params(G), n_params(D)) == (3_576_704, 2_765_568)
+    # The MNIST generator one report printed: 100 -> 256 -> 128 -> 64 -> 1 channels.
+    G, _ = dcgan.build(dict(latent_dim=100, ngf=64, ndf=64, channels=1, img_size=32))
+    assert n_params(G) == 1_066_880
+    assert [m.out_channels for m in G.modules() if isinstance(m, torch.nn.ConvTranspose2d)] == [256, 128, 64, 1]
+
+
+def test_bad_image_size_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="power of two"):
+        run(tmp_path, "--img-size", "48", "--epochs", "0")
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_trains_a_few_steps_and_writes_every_file(tmp_path, size):
+    out = run(tmp_path, "--img-size", str(size), "--max-steps", "2", "--batch-size", "8")
+    for f in ["grid_epoch_001.png", "losses.csv", "losses.png", "ckpt.pt"]:
+        assert os.path.exists(os.path.join(out, f)), f
+    grid = Image.open(os.path.join(out, "grid_epoch_001.png"))
+    assert grid.size == (8 * size + 9 * 2,) * 2  # 8 rows of samples with 2-pixel padding
+    rows = open(os.path.join(out, "losses.csv")).read().splitlines()
+    assert rows[0].split(",")[:6] == ["step", "epoch", "loss_d", "loss_d_real", "loss_d_fake", "loss_g"]
+    assert len(rows) == 3
+    c = ckpt(out)
+    assert c["script"] == "dcgan" and c["step"] == 2 and c["epoch"] == 1
+    assert c["fixed_z"].shape == (64, 100)
+
+
+def test_resume_continues_step_count_optimizer_state_and_log(tmp_path):
+    out = run(tmp_path, "--max-steps", "2")
+    first = ckpt(out)
+    dcgan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "5", "--epochs", "3"])
+    second = ckpt(out)
+    assert second["step"] == 5 and second["epoch"] == 2
+    # Adam's per-parameter step counter continued instead of restarting at 0.
+    assert second["optG"]["state"][0]["step"].item() == 5
+    assert torch.equal(first["fixed_z"], second["fixed_z"])
+    assert not torch.equal(first["G"]["net.0.weight"], second["G"]["net.0.weight"])
+    rows = open(os.path.join(out, "losses.csv")).read().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5]
+    assert second["args"]["ngf"] == 8  # flags not given again came from the checkpoint
+
+
+def test_sample_from_checkpoint_writes_readable_pngs(tmp_path):
+    out = run(tmp_path, "--max-steps", "1", "--channels", "1")
+    dcgan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "5"])
+    files = sorted(os.listdir(os.path.join(out, "samples")))
+    assert files == [f"{i:06d}.png" for i in range(5)]
+    img = Image.open(os.path.join(out, "samples", files[0]))
+    assert img.size == (32, 32) and img.mode == "L"
+
+
+def test_load_model_rebuilds_the_generator_from_the_checkpoint_alone(tmp_path):
+    out = run(tmp_path, "--max-steps", "1", "--latent-dim", "12")
+    G = dcgan.load_model(os.path.join(out, "ckpt.pt"))
+    assert G.latent_dim == 12 and not G.training
+    with torch.no_grad():
+        x = G(torch.randn(3, 12))
+    assert x.shape == (3, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def test_linear_lr_decay_reaches_zero_at_the_end(tmp_path):
+    # fake has 2048 training images: batch 512 gives 4 steps; the last step uses lr * (1 - 3/4).
+    out = run(tmp_path, "--epochs", "1", "--batch-size", "512", "--lr-decay", "linear", "--lr", "0.001")
+    assert ckpt(out)["optG"]["param_groups"][0]["lr"] == pytest.approx(0.001 / 4)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = run(tmp_path, "--max-steps", "2")
+    good = ckpt(out)
+    monkeypatch.setattr(dcgan, "bce", lambda logits, t: F.binary_cross_entropy_with_logits(
+        logits, torch.full_like(logits, t)) * float("nan"))
+    with pytest.raises(SystemExit, match="NaN"):
+        dcgan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "4", "--epochs", "3"])
+    after = ckpt(out)
+    assert after["step"] == good["step"] == 2
+    assert torch.equal(after["G"]["net.0.weight"], good["G"]["net.0.weight"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_bce = dcgan.bce
+
+    def bce_then_interrupt(logits, t):
+        calls["n"] += 1
+        if calls["n"] == 6:  # during step 2 (3 loss terms per step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_bce(logits, t)
+    monkeypatch.setattr(dcgan, "bce", bce_then_interrupt)
+    try:
+        out = run(tmp_path, "--epochs", "2")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    c = ckpt(out)
+    assert c["step"] == 2 and c["epoch"] == 0  # the interrupted epoch runs again on resume
+
+
+def test_bad_resume_paths_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        dcgan.main(["--resume", str(tmp_path / "missing.pt")])
+    other = tmp_path / "other.pt"
+    torch.save({"script": "vae_conv", "args": {}}, other)
+    with pytest.raises(SystemExit, match="not written by dcgan.py"):
+        dcgan.main(["--resume", str(other)])
+    with pytest.raises(ValueError, match="not dcgan"):
+        dcgan.load_model(str(other))
+    out = run(tmp_path, "--max-steps", "1")
+    with pytest.raises(SystemExit, match="does not fit"):
+        dcgan.main(["--resume", os.path.join(out, "ckpt.pt"), "--ngf", "16", "--epochs", "0"])
+
+
+def test_command_line_entry_point(tmp_path):
+    out = str(tmp_path / "cli")
+    r = subprocess.run([sys.executable, "dcgan.py", *SMALL, "--max-steps", "2", "--out", out, "--sample", "3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "G: 61,936 parameters   D: 11,232 parameters" in r.stdout
+    assert len(os.listdir(os.path.join(out, "samples"))) == 3
+    r = subprocess.run([sys.executable, "dcgan.py", "--data", "no-such-set", "--out", out], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
