@@ -7,8 +7,16 @@
 Sources: mnist, fashion-mnist, cifar10 (torchvision downloaders), celeba (torchvision
 or Kaggle layout), any folder of images (recursive), and fake (synthetic, no disk).
 """
+import csv
 import dataclasses
+import hashlib
+import io
+import json
+import os
 import pathlib
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -42,7 +50,9 @@ def has_test_split(name):
 
 
 def to_float(u8):
-    """uint8 -> float32 in [-1, 1]."""
+    """uint8 -> float32 in [-1, 1] (u8.float() / 127.5 - 1)."""
+    if u8.dtype != torch.uint8:
+        raise TypeError(f"to_float expects uint8 images, not {u8.dtype}")
     return u8.float().div_(127.5).sub_(1)
 
 
@@ -56,14 +66,15 @@ def _shape_mask(c, u, v):
     """Mask of class c's shape in coordinates (u, v) scaled so the shape spans about [-1, 1]."""
     a, b, r = u.abs(), v.abs(), (u * u + v * v).sqrt()
     inside = torch.maximum(a, b) < 1
-    return [r < 1, torch.maximum(a, b) < 0.8, a + b < 1, (r > 0.5) & (r < 1), (b < 0.3) & inside,
-            (a < 0.3) & inside, ((a < 0.25) | (b < 0.25)) & inside, (v < 0.7) & (v > 2 * a - 1),
-            (((u - v).abs() < 0.3) | ((u + v).abs() < 0.3)) & inside,
-            ((u - 0.5) ** 2 + b * b < 0.2) | ((u + 0.5) ** 2 + b * b < 0.2)][c]
+    return (lambda: r < 1, lambda: torch.maximum(a, b) < 0.8, lambda: a + b < 1, lambda: (r > 0.5) & (r < 1),
+            lambda: (b < 0.3) & inside, lambda: (a < 0.3) & inside, lambda: ((a < 0.25) | (b < 0.25)) & inside,
+            lambda: (v < 0.7) & (v > 2 * a - 1), lambda: (((u - v).abs() < 0.3) | ((u + v).abs() < 0.3)) & inside,
+            lambda: ((u - 0.5) ** 2 + b * b < 0.2) | ((u + 0.5) ** 2 + b * b < 0.2))[c]()
 
 
 def fake(split="train", img_size=32, channels=3):
-    """Deterministic synthetic ImageSet: 10 classes of coloured shapes with 3 binary attributes."""
+    """Deterministic synthetic ImageSet: 10 classes of coloured shapes with 3 binary attributes
+    (bright background, large shape, striped shape). Generated at img_size; nothing on disk."""
     if split not in FAKE_SIZE:
         raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
     n = FAKE_SIZE[split]
@@ -126,51 +137,335 @@ def read_image(path, channels=3):
     return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1).copy())
 
 
+# ---------------------------------------------------------------- sources
+@dataclasses.dataclass
+class _Source:
+    name: str                    # names the cache file
+    files: list                  # files whose paths, sizes and mtimes key the cache
+    items: object                # list of image paths, or a uint8 array N x H x W (x C)
+    channels: int = 3            # native channels
+    labels: np.ndarray | None = None
+    classes: list | None = None
+    attrs: np.ndarray | None = None
+    attr_names: list | None = None
+
+
+TORCHVISION = {  # name: (torchvision class, folder under root, what to put there)
+    "mnist": ("MNIST", "MNIST/raw", "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
+              "and t10k-labels-idx1-ubyte (from https://ossci-datasets.s3.amazonaws.com/mnist/, gunzipped)"),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw", "the same four idx files of Fashion-MNIST (from "
+                      "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/, gunzipped)"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", "the files of https://www.cs.toronto.edu/~kriz/"
+                "cifar-10-python.tar.gz (data_batch_1..5, test_batch, batches.meta)"),
+}
+CELEBA_FILES = ("img_align_celeba/ (the 202,599 aligned JPEGs) with list_attr_celeba.txt and "
+                "list_eval_partition.txt (torchvision layout) or with list_attr_celeba.csv and "
+                "list_eval_partition.csv (Kaggle layout)")
+
+
+def _reason(e):
+    """The first line of an exception, short, for the end of a DataError sentence."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:120].rstrip(':') if text else ''}"
+
+
+def _torchvision_source(name, root, split, download):
+    import torchvision.datasets
+    cls, folder, what = TORCHVISION[name]
+    try:
+        ds = getattr(torchvision.datasets, cls)(root, train=split == "train", download=download)
+    except Exception as e:  # a downloader or a missing file: never a traceback
+        why = _reason(e) if download else "download=False"
+        raise DataError(f"{name} is not in {root / folder} and could not be downloaded ({why}); "
+                        f"put {what} in {root / folder}") from None
+    items = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
+    files = sorted(p for p in (root / folder).iterdir() if p.is_file())
+    return _Source(name, files, items, 1 if items.ndim == 3 else 3,
+                   np.asarray(ds.targets, dtype=np.int64), list(ds.classes))
+
+
+def _read_rows(path):
+    """Rows of cells of a .csv (comma) or .txt (whitespace) file, blank lines dropped."""
+    text = pathlib.Path(path).read_text()
+    if str(path).lower().endswith(".csv"):
+        return [row for row in csv.reader(io.StringIO(text)) if row]
+    return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def _read_attrs(path):
+    """(names, {filename: uint8 0/1 row}) from CelebA's list_attr_celeba.txt (count line, names line,
+    rows) or a CSV with a header line (filename, names...); values 1/0 or 1/-1."""
+    rows = _read_rows(path)
+    txt = str(path).lower().endswith(".txt")
+    names, body = (rows[1], rows[2:]) if txt else (rows[0][1:], rows[1:])
+    try:
+        values = np.array([row[1:] for row in body], dtype=np.int64)
+    except ValueError:
+        values = np.zeros(0)
+    if values.ndim != 2 or values.shape[1] != len(names) or not np.isin(values, (-1, 0, 1)).all():
+        raise DataError(f"{path} is not a table of filenames and 1/0 or 1/-1 values, one column per "
+                        f"attribute name")
+    return names, dict(zip((row[0] for row in body), (values == 1).astype(np.uint8)))
+
+
+def _find_celeba(root):
+    """(image folder, attribute file, partition file or None) of CelebA under root, or None."""
+    for base in (root / "celeba", root):
+        images = base / "img_align_celeba"
+        if (images / "img_align_celeba").is_dir():          # Kaggle's nested folder
+            images = images / "img_align_celeba"
+        found = [next((base / f"{stem}.{ext}" for ext in ("txt", "csv") if (base / f"{stem}.{ext}").is_file()),
+                      None) for stem in ("list_attr_celeba", "list_eval_partition")]
+        if images.is_dir() and found[0]:
+            return images, found[0], found[1]
+    return None
+
+
+def _celeba_source(root, split, download):
+    found = _find_celeba(root)
+    failed = ""
+    if found is None and download:
+        import torchvision.datasets
+        try:
+            torchvision.datasets.CelebA(root, split="all", download=True)
+        except Exception as e:  # Google Drive quota, no network, ...
+            failed = f" (torchvision's download failed: {_reason(e)})"
+        found = _find_celeba(root)
+    if found is None:
+        raise DataError(f"CelebA is not in {root / 'celeba'}{failed}: put {CELEBA_FILES} there")
+    images, attr_file, partition_file = found
+    names, table = _read_attrs(attr_file)
+    files = list(table)
+    if partition_file is not None:
+        rows = _read_rows(partition_file)
+        part = dict(row[:2] for row in rows if row[0] in table)
+        files = [f for f in files if part.get(f) == ("0" if split == "train" else "2")]
+    elif split == "test":
+        raise DataError(f"CelebA's test split needs list_eval_partition.txt or .csv next to {attr_file}")
+    paths = [images / f for f in files]
+    return _Source("celeba", paths + [attr_file, partition_file or attr_file], paths,
+                   attrs=np.stack([table[f] for f in files]) if files else None, attr_names=names)
+
+
+def _folder_source(folder, split, attr_csv):
+    if split != "train":
+        raise DataError(f"a folder of images has no test split; use split='train' for {folder}")
+    paths = list_images(folder)
+    attr_csv = pathlib.Path(attr_csv) if attr_csv else folder / "attributes.csv"
+    if not attr_csv.is_file():
+        return _Source(folder.resolve().name, paths, paths)
+    names, table = _read_attrs(attr_csv)
+    keys = [p.relative_to(folder).as_posix() for p in paths]
+    keys = [k if k in table else pathlib.PurePath(k).name for k in keys]
+    missing = [k for k in keys if k not in table]
+    if missing:
+        raise DataError(f"{len(missing)} images have no row in {attr_csv} (first: {missing[0]})")
+    return _Source(folder.resolve().name, paths + [attr_csv], paths,
+                   attrs=np.stack([table[k] for k in keys]), attr_names=names)
+
+
+# ---------------------------------------------------------------- preprocessing and decoding
+def _center_crop(img, size):
+    w, h = img.size
+    left, top = int(round((w - size) / 2)), int(round((h - size) / 2))
+    return img if (w, h) == (size, size) else img.crop((left, top, left + size, top + size))
+
+
+def _fit(img, size, crop=None):
+    """Center-crop crop x crop first (if given), resize the shorter side to size with antialiased
+    bilinear (what torchvision's Resize does on PIL images) and center-crop size x size."""
+    if crop:
+        img = _center_crop(img, min(crop, *img.size))
+    w, h = img.size
+    if min(w, h) != size:
+        img = img.resize((size, int(size * h / w)) if w <= h else (int(size * w / h), size), Image.BILINEAR)
+    return _center_crop(img, size)
+
+
+def _decode_chunk(job):
+    """Worker: (uint8 array k x C x H x W of the readable items, [(index, error)] of the others)."""
+    items, size, crop, channels = job
+    out, bad = np.zeros((len(items), channels, size, size), np.uint8), []
+    for i, item in enumerate(items):
+        try:
+            img = _open(item, channels) if isinstance(item, pathlib.Path) else \
+                Image.fromarray(item).convert("L" if channels == 1 else "RGB")
+        except DataError as e:
+            bad.append((i, str(e)))
+            continue
+        out[i] = np.asarray(_fit(img, size, crop)).reshape(size, size, -1).transpose(2, 0, 1)
+    return np.delete(out, [i for i, _ in bad], axis=0), bad
+
+
+DECODE_CHUNK = 256  # images per job sent to a worker process
+
+
+def _decode(source, out, size, crop, channels, workers, verbose):
+    """Decode all of source.items into out (rows in order, unreadable ones skipped, in parallel
+    worker processes); returns the indices of the decoded items."""
+    n, step = len(source.items), DECODE_CHUNK
+    jobs = [(source.items[i:i + step], size, crop, channels) for i in range(0, n, step)]
+    workers = workers or min(8, len(os.sched_getaffinity(0)))
+    pool = ProcessPoolExecutor(workers) if workers > 1 and n > 4 * step else None
+    kept, bad, t0, shown = [], [], time.time(), 0.0
+    try:
+        for j, (chunk, errors) in enumerate((pool.map if pool else map)(_decode_chunk, jobs)):
+            failed = {i for i, _ in errors}
+            out[len(kept):len(kept) + len(chunk)] = chunk
+            kept += [j * step + i for i in range(len(jobs[j][0])) if i not in failed]
+            bad += errors
+            done, now = min(n, (j + 1) * step), time.time()
+            if verbose and (now - shown > 0.5 or done == n):
+                shown, rate = now, done / max(now - t0, 1e-9)
+                print(f"\rdecoding {source.name}: {done}/{n} images, {rate:.0f}/s, "
+                      f"ETA {(n - done) / rate:.0f}s ", end="\n" if done == n else "", file=sys.stderr, flush=True)
+    finally:
+        if pool:
+            pool.shutdown()
+    if not kept:
+        raise DataError(f"none of the {n} images of {source.name} could be read ({bad[0][1]})")
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable images of {source.name} "
+              f"({'; '.join(e for _, e in bad[:3])})", file=sys.stderr)
+    return np.array(kept)
+
+
+# ---------------------------------------------------------------- the cache
+CACHE_VERSION = 1
+
+
+def _cache_key(source, split, size, crop, channels):
+    """Hash of everything the cached array depends on: settings and each file's path, size, mtime."""
+    h = hashlib.sha256(repr((CACHE_VERSION, source.name, split, size, crop, channels)).encode())
+    for f in source.files:
+        try:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{os.path.abspath(f)}|missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _build(source, path, size, crop, channels, workers, verbose):
+    """Decode source into path (.npy images) and path.npz (labels, attrs, names as json), each
+    written to a temporary file and renamed into place."""
+    n, t0 = len(source.items), time.time()
+    tmp, part, meta = (path.with_name(f"{path.name}.{os.getpid()}.{ext}") for ext in ("tmp", "part", "meta"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, channels, size, size))
+    except OSError as e:
+        raise DataError(f"cannot write the image cache in {path.parent} ({_reason(e)}); "
+                        f"use another --data-root") from None
+    try:
+        kept = _decode(source, out, size, crop, channels, workers, verbose)
+        out.flush()
+        if len(kept) < n:                                  # drop the rows of unreadable files
+            with open(part, "wb") as f:
+                np.save(f, out[:len(kept)])
+            os.replace(part, tmp)
+        del out
+        arrays = {k: getattr(source, k)[kept] for k in ("labels", "attrs") if getattr(source, k) is not None}
+        names = json.dumps({"classes": source.classes, "attr_names": source.attr_names})
+        with open(meta, "wb") as f:
+            np.savez(f, names=np.array(names), **arrays)
+        os.replace(meta, path.with_suffix(".npz"))
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, part, meta):
+            leftover.unlink(missing_ok=True)
+    if verbose:
+        print(f"cached {len(kept)} images of {source.name} in {time.time() - t0:.1f}s: {path}", file=sys.stderr)
+
+
+def _read_cache(name, path):
+    images = torch.from_numpy(np.load(path, mmap_mode="c"))
+    with np.load(path.with_suffix(".npz"), allow_pickle=False) as meta:
+        names = json.loads(str(meta["names"]))
+        tensors = {k: torch.from_numpy(meta[k]) for k in ("labels", "attrs") if k in meta}
+    return ImageSet(name, images, tensors.get("labels"), names["classes"], tensors.get("attrs"), names["attr_names"])
+
+
 # ---------------------------------------------------------------- load
 def load(name_or_folder, root="data", split="train", img_size=None, channels=None, crop=None,
-         download=True, verbose=True):
-    name = str(name_or_folder)
+         download=True, verbose=True, attr_csv=None, cache_dir=None, workers=None):
+    """An ImageSet of a named dataset or a folder of images (see the module docstring).
+    attr_csv: attributes of a folder (default <folder>/attributes.csv if present); cache_dir:
+    default <root>/cache; workers: decoding processes (default: the CPUs, at most 8)."""
+    name, root = str(name_or_folder), pathlib.Path(root)
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 or 3, not {channels}")
     if name == "fake":
         return fake(split, img_size or DEFAULT_IMG_SIZE["fake"], channels or 3)
-    raise DataError(f"dataset {name!r} is not available yet; use one of {', '.join(DATASETS)}")
+    if name in TORCHVISION:
+        source = _torchvision_source(name, root, split, download)
+    elif name == "celeba":
+        source = _celeba_source(root, split, download)
+    elif os.sep in name or "/" in name or pathlib.Path(name).exists():
+        source = _folder_source(pathlib.Path(name), split, attr_csv)
+    else:
+        raise DataError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or a folder of images")
+    size, channels = img_size or DEFAULT_IMG_SIZE.get(name, FOLDER_IMG_SIZE), channels or source.channels
+    key = _cache_key(source, split, size, crop, channels)
+    path = pathlib.Path(cache_dir or root / "cache") / \
+        f"{source.name}-{split}-{size}px-{channels}ch{f'-crop{crop}' if crop else ''}-{key}.npy"
+    if not (path.is_file() and path.with_suffix(".npz").is_file()):
+        _build(source, path, size, crop, channels, workers, verbose)
+    elif verbose:
+        print(f"loading {source.name} {split} from {path}", file=sys.stderr)
+    return _read_cache(name, path)
 
 
 # ---------------------------------------------------------------- batches
 class Loader:
-    """Shuffled float batches in [-1, 1] on the device; seeded, optionally sharded by rank."""
+    """Shuffled float batches in [-1, 1] on the device; seeded, optionally sharded by rank.
+
+    The uint8 images live on the device when they fit (CUDA: under half the free memory), else in
+    pinned host memory, gathered into two pinned buffers that are copied without blocking."""
 
     def __init__(self, images, batch_size, device, seed=0, flip=False, rank=0, world_size=1,
                  channels_last=False):
-        images = getattr(images, "images", images)
+        images = getattr(images, "images", images)                # an ImageSet works too
         self.device = torch.device(device)
-        self.batch = batch_size // world_size
-        self.per_rank = len(images) // world_size
+        self.batch, self.per_rank = batch_size // world_size, len(images) // world_size
         if self.batch < 1 or self.per_rank < self.batch:
-            raise DataError(f"{len(images)} images over {world_size} rank(s) is less than one batch "
+            raise DataError(f"{len(images)} images over {world_size} rank(s) are fewer than one batch "
                             f"of {batch_size}; lower --batch-size")
         self.seed, self.flip, self.rank = seed, flip, rank
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.on_device = self.device.type == "cpu" or (
-            self.device.type == "cuda" and images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 2)
-        if self.device.type not in ("cpu", "cuda"):
-            self.on_device = True
-        self.images = images.to(self.device) if self.on_device else images.pin_memory()
+        self.on_device = self.device.type != "cuda" or \
+            images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 2
+        if self.on_device:
+            self.images = images.to(self.device)
+        else:
+            self.images = images.pin_memory()
+            self.buffers = [torch.empty((self.batch, *images.shape[1:]), dtype=torch.uint8).pin_memory()
+                            for _ in range(2)]
+            self.copied = [torch.cuda.Event() for _ in range(2)]
 
     def __len__(self):
         return self.per_rank // self.batch
 
-    def epoch(self, epoch=0):
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        perm = torch.randperm(len(self.images), generator=g)
-        shard = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+    def _gather(self, i, idx):
+        """uint8 batch images[idx] on the device."""
         if self.on_device:
-            shard = shard.to(self.device)
-        flips = torch.rand(len(shard), generator=g) < 0.5
+            return self.images.index_select(0, idx)
+        buf, copied = self.buffers[i % 2], self.copied[i % 2]
+        copied.synchronize()                                      # its last copy has finished
+        torch.index_select(self.images, 0, idx, out=buf)
+        x = buf.to(self.device, non_blocking=True)
+        copied.record()
+        return x
+
+    def epoch(self, epoch=0):
+        """The batches of one epoch: the permutation of seed + epoch, this rank's shard of it."""
+        perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + epoch))
+        shard = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].to(self.images.device)
+        g = torch.Generator(self.device).manual_seed(self.seed + epoch)
+        flips = (torch.rand(len(shard), 1, 1, 1, generator=g, device=self.device) < 0.5) if self.flip else None
         for i in range(len(self)):
-            idx = shard[i * self.batch:(i + 1) * self.batch]
-            x = self.images.index_select(0, idx)
-            x = to_float(x.to(self.device, non_blocking=True, memory_format=self.memory_format))
-            if self.flip:
-                f = flips[i * self.batch:(i + 1) * self.batch].to(self.device).view(-1, 1, 1, 1)
-                x = torch.where(f, x.flip(3), x)
-            yield x
+            part = slice(i * self.batch, (i + 1) * self.batch)
+            x = to_float(self._gather(i, shard[part]).contiguous(memory_format=self.memory_format))
+            yield torch.where(flips[part], x.flip(3), x) if self.flip else x
