@@ -7,10 +7,8 @@
 Sources: mnist, fashion-mnist, cifar10 (torchvision downloaders), celeba (torchvision
 or Kaggle layout), any folder of images (recursive), and fake (synthetic, no disk).
 """
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import pathlib
@@ -184,28 +182,35 @@ def _torchvision_source(name, root, split, download):
                    np.asarray(ds.targets, dtype=np.int64), list(ds.classes))
 
 
-def _read_rows(path):
-    """Rows of cells of a .csv (comma) or .txt (whitespace) file, blank lines dropped."""
-    text = pathlib.Path(path).read_text()
-    if str(path).lower().endswith(".csv"):
-        return [row for row in csv.reader(io.StringIO(text)) if row]
-    return [line.split() for line in text.splitlines() if line.strip()]
+def _read_table(path):
+    """(header names, first column, the other columns as int64) of a .csv (comma-separated) or a
+    CelebA .txt list (whitespace). Leading lines whose first cell is not an image file name are
+    headers: list_attr_celeba.txt has a count and the names, list_eval_partition.txt none."""
+    sep = "," if str(path).lower().endswith(".csv") else None
+    with open(path) as f:
+        head = [f.readline().split(sep) for _ in range(3)]
+    skip = next((i for i, cells in enumerate(head)
+                 if cells and pathlib.PurePath(cells[0].strip()).suffix.lower() in IMAGE_EXTS), None)
+    if skip is None or len(head[skip]) < 2:
+        raise DataError(f"{path} has no rows of an image file name followed by values")
+    kw = dict(delimiter=sep, skiprows=skip, comments=None)
+    try:
+        files = np.loadtxt(path, dtype=str, usecols=0, ndmin=1, **kw)
+        values = np.loadtxt(path, dtype=np.int64, usecols=range(1, len(head[skip])), ndmin=2, **kw)
+    except ValueError:
+        raise DataError(f"{path} is not a table of image file names and whole numbers") from None
+    names = [c.strip() for c in head[skip - 1][-values.shape[1]:]] if skip else []
+    return names, files, values
 
 
 def _read_attrs(path):
-    """(names, {filename: uint8 0/1 row}) from CelebA's list_attr_celeba.txt (count line, names line,
-    rows) or a CSV with a header line (filename, names...); values 1/0 or 1/-1."""
-    rows = _read_rows(path)
-    txt = str(path).lower().endswith(".txt")
-    names, body = (rows[1], rows[2:]) if txt else (rows[0][1:], rows[1:])
-    try:
-        values = np.array([row[1:] for row in body], dtype=np.int64)
-    except ValueError:
-        values = np.zeros(0)
-    if values.ndim != 2 or values.shape[1] != len(names) or not np.isin(values, (-1, 0, 1)).all():
-        raise DataError(f"{path} is not a table of filenames and 1/0 or 1/-1 values, one column per "
-                        f"attribute name")
-    return names, dict(zip((row[0] for row in body), (values == 1).astype(np.uint8)))
+    """(names, file names, uint8 0/1 array N x A) of an attribute table (see _read_table) with a
+    header of names and values 1/0 or 1/-1."""
+    names, files, values = _read_table(path)
+    if len(names) != values.shape[1] or not np.isin(values, (-1, 0, 1)).all():
+        raise DataError(f"{path} is not a table of filenames and 1/0 or 1/-1 values under a header "
+                        f"line of attribute names")
+    return names, files, (values == 1).astype(np.uint8)
 
 
 def _find_celeba(root):
@@ -234,17 +239,17 @@ def _celeba_source(root, split, download):
     if found is None:
         raise DataError(f"CelebA is not in {root / 'celeba'}{failed}: put {CELEBA_FILES} there")
     images, attr_file, partition_file = found
-    names, table = _read_attrs(attr_file)
-    files = list(table)
+    names, files, attrs = _read_attrs(attr_file)
     if partition_file is not None:
-        rows = _read_rows(partition_file)
-        part = dict(row[:2] for row in rows if row[0] in table)
-        files = [f for f in files if part.get(f) == ("0" if split == "train" else "2")]
+        _, part_files, part = _read_table(partition_file)
+        wanted = dict(zip(part_files, part[:, 0] == (0 if split == "train" else 2)))
+        keep = np.array([wanted.get(f, False) for f in files], dtype=bool)
+        files, attrs = files[keep], attrs[keep]
     elif split == "test":
         raise DataError(f"CelebA's test split needs list_eval_partition.txt or .csv next to {attr_file}")
     paths = [images / f for f in files]
     return _Source("celeba", paths + [attr_file, partition_file or attr_file], paths,
-                   attrs=np.stack([table[f] for f in files]) if files else None, attr_names=names)
+                   attrs=attrs, attr_names=names)
 
 
 def _folder_source(folder, split, attr_csv):
@@ -254,14 +259,15 @@ def _folder_source(folder, split, attr_csv):
     attr_csv = pathlib.Path(attr_csv) if attr_csv else folder / "attributes.csv"
     if not attr_csv.is_file():
         return _Source(folder.resolve().name, paths, paths)
-    names, table = _read_attrs(attr_csv)
+    names, files, attrs = _read_attrs(attr_csv)
+    row = {f: i for i, f in enumerate(files)}
     keys = [p.relative_to(folder).as_posix() for p in paths]
-    keys = [k if k in table else pathlib.PurePath(k).name for k in keys]
-    missing = [k for k in keys if k not in table]
+    keys = [k if k in row else pathlib.PurePath(k).name for k in keys]
+    missing = [k for k in keys if k not in row]
     if missing:
         raise DataError(f"{len(missing)} images have no row in {attr_csv} (first: {missing[0]})")
     return _Source(folder.resolve().name, paths + [attr_csv], paths,
-                   attrs=np.stack([table[k] for k in keys]), attr_names=names)
+                   attrs=attrs[[row[k] for k in keys]], attr_names=names)
 
 
 # ---------------------------------------------------------------- preprocessing and decoding
@@ -438,7 +444,7 @@ class Loader:
         self.on_device = self.device.type != "cuda" or \
             images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 2
         if self.on_device:
-            self.images = images.to(self.device)
+            self.images = images.to(self.device, copy=True)       # on CPU: out of the memory map
         else:
             self.images = images.pin_memory()
             self.buffers = [torch.empty((self.batch, *images.shape[1:]), dtype=torch.uint8).pin_memory()
@@ -460,12 +466,17 @@ class Loader:
         return x
 
     def epoch(self, epoch=0):
-        """The batches of one epoch: the permutation of seed + epoch, this rank's shard of it."""
-        perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + epoch))
-        shard = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].to(self.images.device)
-        g = torch.Generator(self.device).manual_seed(self.seed + epoch)
-        flips = (torch.rand(len(shard), 1, 1, 1, generator=g, device=self.device) < 0.5) if self.flip else None
+        """The batches of one epoch: the permutation of seed + epoch, this rank's shard of it.
+        With flip, each image is mirrored with probability 1/2; the mirrored ones are put first in
+        their batch, so that one in-place slice flip on the device does them all."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(len(self.images), generator=g)
+        batches = perm[self.rank * self.per_rank:][:len(self) * self.batch].view(len(self), self.batch)
+        flips = torch.rand(batches.shape, generator=g) < 0.5 if self.flip else torch.zeros_like(batches, dtype=torch.bool)
+        order = flips.int().sort(dim=1, descending=True, stable=True).indices
+        batches, n_flip = batches.gather(1, order).to(self.images.device), flips.sum(1).tolist()
         for i in range(len(self)):
-            part = slice(i * self.batch, (i + 1) * self.batch)
-            x = to_float(self._gather(i, shard[part]).contiguous(memory_format=self.memory_format))
-            yield torch.where(flips[part], x.flip(3), x) if self.flip else x
+            x = self._gather(i, batches[i])
+            if n_flip[i]:
+                x[:n_flip[i]] = x[:n_flip[i]].flip(3)
+            yield to_float(x.contiguous(memory_format=self.memory_format))
