@@ -1,0 +1,211 @@
+"""vae_conv.py: the loss against hand computations and a Monte-Carlo KL, the Hou et al.
+architecture, and the script through its real entry point (main(argv) in-process, one subprocess)."""
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import vae_conv
+from vae_helpers import (BCE_HAND, BCE_LOGITS, BCE_X, KL_HAND, KL_LOGVAR, KL_MU, check_run_folder,
+                         heldout_kl, monte_carlo_kl, rows)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--data", "fake", "--width", "16", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1"]
+
+
+def run(tmp_path, *extra):
+    out = str(tmp_path / "run")
+    vae_conv.main(SMALL + ["--out", out, *extra])
+    return out
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def convs(seq):
+    return [(m.out_channels, m.kernel_size[0], m.stride[0]) for m in seq if isinstance(m, nn.Conv2d)]
+
+
+def test_architecture_is_hou_et_al_at_64_and_keeps_a_4x4_latent_map_at_every_size():
+    m = vae_conv.VAE(latent_dim=100, width=256, channels=3, img_size=64)
+    assert convs(m.encoder) == [(32, 4, 2), (64, 4, 2), (128, 4, 2), (256, 4, 2)]
+    assert convs(m.decoder) == [(128, 3, 1), (64, 3, 1), (32, 3, 1), (3, 3, 1)]
+    assert sum(isinstance(x, nn.Upsample) for x in m.decoder) == 4 and isinstance(m.decoder[-1], nn.Tanh)
+    # Parameters by hand: 4x4 and 3x3 convs without bias (BatchNorm follows) except the last,
+    # BatchNorm scale + shift, the two heads and the decoder's linear layer, latent 100.
+    enc = 16 * (3 * 32 + 32 * 64 + 64 * 128 + 128 * 256) + 2 * (32 + 64 + 128 + 256) + 2 * (4096 * 100 + 100)
+    dec = 100 * 4096 + 4096 + 9 * (256 * 128 + 128 * 64 + 64 * 32 + 32 * 3) + 3 + 2 * (128 + 64 + 32)
+    assert sum(p.numel() for p in m.parameters()) == enc + dec == 2_312_107
+    # 32x32 drops the first encoder block and the last hidden decoder block.
+    m = vae_conv.VAE(img_size=32, channels=1)
+    assert [c for c, _, _ in convs(m.encoder)] == [64, 128, 256]
+    assert [c for c, _, _ in convs(m.decoder)] == [128, 64, 1]
+    for size in (16, 32, 64, 128):
+        m = vae_conv.VAE(latent_dim=5, width=32, channels=3, img_size=size).eval()
+        x = torch.rand(2, 3, size, size) * 2 - 1
+        with torch.no_grad():
+            assert m.encoder[:-1](x).shape == (2, 32, 4, 4)
+            mu, logvar = m.encode(x)
+            assert mu.shape == logvar.shape == (2, 5)
+            assert m.decode(mu).shape == x.shape
+
+
+def test_bce_decoder_ends_in_logits_and_decode_still_returns_minus1_to_1():
+    m = vae_conv.VAE(latent_dim=4, width=16, channels=3, img_size=16, recon="bce").eval()
+    assert isinstance(m.decoder[-1], nn.Conv2d)  # no tanh in front of a loss that wants [0, 1]
+    z = torch.randn(3, 4) * 5
+    with torch.no_grad():
+        assert torch.allclose(m.decode(z), torch.sigmoid(m.decoder_output(z)) * 2 - 1)
+
+
+def test_bad_image_size_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="power of two"):
+        run(tmp_path, "--img-size", "48", "--epochs", "0")
+
+
+def test_kl_term_matches_a_hand_computation_and_a_monte_carlo_estimate():
+    out = torch.zeros(2, 3, 4, 4)
+    _, _, kl = vae_conv.vae_loss(out, out, KL_MU, KL_LOGVAR, "mse")
+    assert kl.item() == pytest.approx(KL_HAND, rel=1e-6)
+    mu, logvar = torch.tensor([[0.5, -1.0, 2.0]]), torch.tensor([[-1.0, 0.5, math.log(0.1)]])
+    _, _, kl = vae_conv.vae_loss(torch.zeros(1, 1), torch.zeros(1, 1), mu, logvar)
+    assert kl.item() == pytest.approx(monte_carlo_kl(vae_conv.reparameterise, mu, logvar), rel=0.01)
+
+
+def test_reconstruction_terms_match_hand_computations():
+    # mse on [0, 1]-scaled pixels: x = (-1, 1, 0, 0.5) -> (0, 1, 0.5, 0.75); out = (1, 1, 0, 0)
+    # -> (1, 1, 0.5, 0.5): squared errors 1 + 0 + 0 + 1/16. A second, perfect image adds 0.
+    x = torch.tensor([[-1.0, 1.0, 0.0, 0.5], [0.3, -0.2, 0.9, -1.0]]).view(2, 1, 2, 2)
+    out = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.3, -0.2, 0.9, -1.0]]).view(2, 1, 2, 2)
+    zeros = torch.zeros(2, 3)
+    total, rec, kl = vae_conv.vae_loss(out, x, zeros, zeros, "mse", beta=0.5)
+    assert rec.item() == pytest.approx(1.0625 / 2) and kl.item() == 0 and total.item() == rec.item()
+    total, rec, kl = vae_conv.vae_loss(BCE_LOGITS, BCE_X, KL_MU[1:], KL_LOGVAR[1:], "bce", beta=0.5)
+    assert rec.item() == pytest.approx(BCE_HAND, rel=1e-6)
+    assert total.item() == pytest.approx(BCE_HAND + 0.5 * (2 - math.log(2)), rel=1e-6)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_trains_a_few_steps_and_writes_every_file(tmp_path, size):
+    out = run(tmp_path, "--img-size", str(size), "--max-steps", "2", "--batch-size", "8")
+    check_run_folder(out, size)
+    c = ckpt(out)
+    assert c["script"] == "vae_conv" and c["step"] == 2 and c["epoch"] == 1
+    assert c["fixed_z"].shape == (64, 8)
+
+
+def test_heldout_loss_is_the_test_split_loss_of_the_saved_model(tmp_path):
+    out = run(tmp_path, "--max-steps", "3", "--recon", "bce", "--beta", "0.5")
+    last = rows(out)[-1]
+    t, r, k = float(last["test_loss"]), float(last["test_recon"]), float(last["test_kl"])
+    assert t == pytest.approx(r + 0.5 * k, rel=1e-5)
+    # The KL is deterministic given the encoder, so the checkpoint alone reproduces it.
+    test = data.load("fake", split="test").images
+    assert k == pytest.approx(heldout_kl(vae_conv.load_model(os.path.join(out, "ckpt.pt")), test), rel=1e-4)
+    # Before any real training a Bernoulli decoder costs about ln 2 nats per pixel.
+    assert 0.5 * 3 * 32 * 32 * math.log(2) < r < 2 * 3 * 32 * 32 * math.log(2)
+
+
+def test_resume_continues_step_count_optimizer_state_and_log(tmp_path):
+    out = run(tmp_path, "--max-steps", "2")
+    first = ckpt(out)
+    vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "5", "--epochs", "3"])
+    second = ckpt(out)
+    assert second["step"] == 5 and second["epoch"] == 2
+    assert second["opt"]["state"][0]["step"].item() == 5  # Adam's counter continued
+    assert torch.equal(first["fixed_z"], second["fixed_z"])
+    assert not torch.equal(first["model"]["fc_mu.weight"], second["model"]["fc_mu.weight"])
+    r = rows(out)
+    assert [int(x["step"]) for x in r if x["loss"]] == [1, 2, 3, 4, 5]
+    assert [int(x["epoch"]) for x in r if x["test_loss"]] == [1, 2]
+    assert second["args"]["width"] == 16  # flags not given again came from the checkpoint
+
+
+def test_sample_from_checkpoint_writes_readable_pngs(tmp_path):
+    from PIL import Image
+    out = run(tmp_path, "--max-steps", "1", "--channels", "1", "--recon", "bce")
+    vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "5"])
+    files = sorted(os.listdir(os.path.join(out, "samples")))
+    assert files == [f"{i:06d}.png" for i in range(5)]
+    img = Image.open(os.path.join(out, "samples", files[0]))
+    assert img.size == (32, 32) and img.mode == "L"
+
+
+def test_load_model_rebuilds_the_vae_from_the_checkpoint_alone(tmp_path):
+    out = run(tmp_path, "--max-steps", "1", "--latent-dim", "12", "--img-size", "16")
+    m = vae_conv.load_model(os.path.join(out, "ckpt.pt"))
+    assert m.latent_dim == 12 and not m.training
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mu, logvar = m.encode(x)
+        img = m.decode(mu)
+    assert mu.shape == logvar.shape == (3, 12)
+    assert img.shape == (3, 3, 16, 16) and img.min() >= -1 and img.max() <= 1
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = run(tmp_path, "--max-steps", "2")
+    good = ckpt(out)
+    real_loss = vae_conv.vae_loss
+    monkeypatch.setattr(vae_conv, "vae_loss", lambda *a: tuple(v * float("nan") for v in real_loss(*a)))
+    with pytest.raises(SystemExit, match="NaN"):
+        vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "4", "--epochs", "3"])
+    after = ckpt(out)
+    assert after["step"] == good["step"] == 2
+    assert torch.equal(after["model"]["fc_mu.weight"], good["model"]["fc_mu.weight"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = vae_conv.vae_loss
+
+    def loss_then_interrupt(*a):
+        calls["n"] += 1
+        if calls["n"] == 2:  # during step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*a)
+    monkeypatch.setattr(vae_conv, "vae_loss", loss_then_interrupt)
+    try:
+        out = run(tmp_path, "--epochs", "2")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    c = ckpt(out)
+    assert c["step"] == 2 and c["epoch"] == 0  # the interrupted epoch runs again on resume
+    assert not any(x["test_loss"] for x in rows(out))
+
+
+def test_bad_resume_paths_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        vae_conv.main(["--resume", str(tmp_path / "missing.pt")])
+    other = tmp_path / "other.pt"
+    torch.save({"script": "mlp_vae", "args": {}}, other)
+    with pytest.raises(SystemExit, match="not written by vae_conv.py"):
+        vae_conv.main(["--resume", str(other)])
+    with pytest.raises(ValueError, match="not vae_conv"):
+        vae_conv.load_model(str(other))
+    out = run(tmp_path, "--max-steps", "1")
+    with pytest.raises(SystemExit, match="does not fit"):
+        vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--width", "32", "--epochs", "0"])
+
+
+def test_command_line_entry_point(tmp_path):
+    out = str(tmp_path / "cli")
+    r = subprocess.run([sys.executable, "vae_conv.py", *SMALL, "--max-steps", "2", "--out", out, "--sample", "3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # width 16 at 32px, latent 8: convs 3-4-8-16 (4x4), heads 256 -> 8; linear 8 -> 256, convs 8-4-3 (3x3).
+    enc = 16 * (3 * 4 + 4 * 8 + 8 * 16) + 2 * (4 + 8 + 16) + 2 * (256 * 8 + 8)
+    dec = 8 * 256 + 256 + 9 * (16 * 8 + 8 * 4 + 4 * 3) + 3 + 2 * (8 + 4)
+    assert f"encoder: {enc:,} parameters   decoder: {dec:,} parameters" in r.stdout
+    assert "test loss" in r.stdout
+    assert len(os.listdir(os.path.join(out, "samples"))) == 3
+    r = subprocess.run([sys.executable, "vae_conv.py", "--data", "no-such-set", "--out", out], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
