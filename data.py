@@ -1,11 +1,22 @@
 """data.py: datasets -> cached uint8 tensors -> shuffled float batches on the device.
 
-    ds = data.load("celeba", root="data", img_size=64)        # ImageSet: .images uint8 N x C x H x W
+    ds = data.load("celeba", root="data", img_size=64)    # ImageSet; ds.images: uint8 N x C x H x W
     loader = data.Loader(ds.images, 128, "cuda", flip=True)
-    for x in loader.epoch(0): ...                               # float32 in [-1, 1] on the device
+    for x in loader.epoch(epoch): ...                       # float32 in [-1, 1] on the device
 
-Sources: mnist, fashion-mnist, cifar10 (torchvision downloaders), celeba (torchvision
-or Kaggle layout), any folder of images (recursive), and fake (synthetic, no disk).
+Sources: mnist, fashion-mnist, cifar10 (torchvision's downloaders, into <root>), celeba
+(<root>/celeba in torchvision's or Kaggle's layout, see CELEBA_FILES), any folder of images
+(recursive; optional attributes.csv of filename,attr1,... with 1/0 or 1/-1), and fake
+(synthetic, made in memory).
+
+Every image goes one way: to L or RGB (grayscale and palette expanded, 16-bit scaled to 8 bits,
+transparency composited on black), center-cropped to crop x crop if asked (108: the usual CelebA
+face crop), the shorter side resized to img_size with antialiased bilinear (torchvision's Resize
+on PIL images), center-cropped to img_size x img_size. The first load of a dataset, split and
+size decodes all images once, in worker processes, into <root>/cache/<name>-...-<hash>.npy (+ .npz:
+labels, attributes, names); later loads memory-map it. The hash covers the settings and every
+source file's path, size and mtime, so a changed folder is decoded again (old caches stay until
+you delete <root>/cache). Progress and warnings go to stderr; expected failures raise DataError.
 """
 import dataclasses
 import hashlib
@@ -139,8 +150,8 @@ def read_image(path, channels=3):
 @dataclasses.dataclass
 class _Source:
     name: str                    # names the cache file
-    files: list                  # files whose paths, sizes and mtimes key the cache
-    items: object                # list of image paths, or a uint8 array N x H x W (x C)
+    files: list                  # absolute paths of the files whose sizes and mtimes key the cache
+    items: object                # list of absolute image paths, or a uint8 array N x H x W (x C)
     channels: int = 3            # native channels
     labels: np.ndarray | None = None
     classes: list | None = None
@@ -207,7 +218,7 @@ def _read_attrs(path):
     """(names, file names, uint8 0/1 array N x A) of an attribute table (see _read_table) with a
     header of names and values 1/0 or 1/-1."""
     names, files, values = _read_table(path)
-    if len(names) != values.shape[1] or not np.isin(values, (-1, 0, 1)).all():
+    if len(names) != values.shape[1] or not (np.abs(values) <= 1).all():
         raise DataError(f"{path} is not a table of filenames and 1/0 or 1/-1 values under a header "
                         f"line of attribute names")
     return names, files, (values == 1).astype(np.uint8)
@@ -247,7 +258,7 @@ def _celeba_source(root, split, download):
         files, attrs = files[keep], attrs[keep]
     elif split == "test":
         raise DataError(f"CelebA's test split needs list_eval_partition.txt or .csv next to {attr_file}")
-    paths = [images / f for f in files]
+    paths = [f"{images}/{f}" for f in files]                  # str: 200,000 Paths are slow
     return _Source("celeba", paths + [attr_file, partition_file or attr_file], paths,
                    attrs=attrs, attr_names=names)
 
@@ -256,7 +267,7 @@ def _folder_source(folder, split, attr_csv):
     if split != "train":
         raise DataError(f"a folder of images has no test split; use split='train' for {folder}")
     paths = list_images(folder)
-    attr_csv = pathlib.Path(attr_csv) if attr_csv else folder / "attributes.csv"
+    attr_csv = pathlib.Path(attr_csv).absolute() if attr_csv else folder / "attributes.csv"
     if not attr_csv.is_file():
         return _Source(folder.resolve().name, paths, paths)
     names, files, attrs = _read_attrs(attr_csv)
@@ -294,8 +305,8 @@ def _decode_chunk(job):
     out, bad = np.zeros((len(items), channels, size, size), np.uint8), []
     for i, item in enumerate(items):
         try:
-            img = _open(item, channels) if isinstance(item, pathlib.Path) else \
-                Image.fromarray(item).convert("L" if channels == 1 else "RGB")
+            img = Image.fromarray(item).convert("L" if channels == 1 else "RGB") \
+                if isinstance(item, np.ndarray) else _open(item, channels)
         except DataError as e:
             bad.append((i, str(e)))
             continue
@@ -346,9 +357,9 @@ def _cache_key(source, split, size, crop, channels):
     for f in source.files:
         try:
             st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{os.path.abspath(f)}|missing\n".encode())
+            h.update(f"{f}|missing\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -398,7 +409,7 @@ def load(name_or_folder, root="data", split="train", img_size=None, channels=Non
     """An ImageSet of a named dataset or a folder of images (see the module docstring).
     attr_csv: attributes of a folder (default <folder>/attributes.csv if present); cache_dir:
     default <root>/cache; workers: decoding processes (default: the CPUs, at most 8)."""
-    name, root = str(name_or_folder), pathlib.Path(root)
+    name, root = str(name_or_folder), pathlib.Path(root).absolute()
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
     if channels not in (None, 1, 3):
@@ -410,7 +421,7 @@ def load(name_or_folder, root="data", split="train", img_size=None, channels=Non
     elif name == "celeba":
         source = _celeba_source(root, split, download)
     elif os.sep in name or "/" in name or pathlib.Path(name).exists():
-        source = _folder_source(pathlib.Path(name), split, attr_csv)
+        source = _folder_source(pathlib.Path(name).absolute(), split, attr_csv)
     else:
         raise DataError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or a folder of images")
     size, channels = img_size or DEFAULT_IMG_SIZE.get(name, FOLDER_IMG_SIZE), channels or source.channels

@@ -103,7 +103,9 @@ def main():
     args = p.parse_args()
     work = pathlib.Path(args.work)
     rows = []
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}", flush=True)
+    import torchvision.datasets  # noqa: F401  (imported before any timing)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, device {args.device}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     mnist = pathlib.Path(args.data_root) / "MNIST" / "raw"
     if mnist.is_dir():
@@ -130,6 +132,7 @@ def main():
     rate = batches_per_second(imagefolder_batches(folder.parent, args.img_size, bs, args.workers, args.device), n)
     rows.append((f"ImageFolder + DataLoader({args.workers} workers)", f"batches/s at {bs}", f"{rate:.1f}"))
 
+    rows.append(("load average at the end (other processes)", "", f"{os.getloadavg()[0]:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
