@@ -116,7 +116,7 @@ def list_images(folder):
     """Sorted image files under folder (recursive); DataError if the folder is missing or has none."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist")
+        raise DataError(f"image folder {folder} {'is not a folder' if folder.exists() else 'does not exist'}")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise DataError(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) found under {folder}")
@@ -338,7 +338,7 @@ def _decode(source, out, size, crop, channels, workers, verbose):
                       f"ETA {(n - done) / rate:.0f}s ", end="\n" if done == n else "", file=sys.stderr, flush=True)
     finally:
         if pool:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
     if not kept:
         raise DataError(f"none of the {n} images of {source.name} could be read ({bad[0][1]})")
     if bad:

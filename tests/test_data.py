@@ -69,6 +69,11 @@ def test_read_image_converts_every_mode(odd_images):
     assert data.read_image(odd_images["cmyk"]).shape == (3, 6, 8)
 
 
+def test_folder_of_every_mode_loads(odd_images, tmp_path):
+    ds = load(odd_images["gray"].parent, tmp_path, img_size=4, channels=1)
+    assert ds.images.shape == (len(odd_images), 1, 4, 4)
+
+
 def test_unreadable_image_is_one_clear_sentence(corrupt_folder):
     for name in ["truncated.jpg", "garbage.png", "empty.jpg"]:
         with pytest.raises(data.DataError, match=f"cannot read image .*{name}"):
@@ -137,6 +142,8 @@ def test_bad_names_and_folders(tmp_path, image_folder):
         load("celebA", tmp_path)
     with pytest.raises(data.DataError, match="does not exist"):
         load(str(tmp_path / "nope"), tmp_path)
+    with pytest.raises(data.DataError, match="is not a folder"):
+        load(str(image_folder / "a/00.jpg"), tmp_path)
     with pytest.raises(data.DataError, match="no test split"):
         load(image_folder, tmp_path, split="test")
     with pytest.raises(data.DataError, match="unknown split"):
