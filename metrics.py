@@ -1,0 +1,730 @@
+"""metrics.py: Inception Score, FID and Laplacian variance of image sets; loss plots.
+
+Each number is defined exactly as the reference tool that published tables use computes it:
+
+* FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local
+  Nash Equilibrium", arXiv:1706.08500) as mseitzer/pytorch-fid computes it: pool3 features of
+  the TensorFlow Inception graph ported to PyTorch (weight file pt_inception-2015-12-05-6726825d.pth),
+  mean and np.cov (N-1) in float64, Frechet distance with scipy.linalg.sqrtm.
+* IS (Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498) as
+  toshas/torch-fidelity computes it: the same network's 1008-way logits without the fc bias,
+  softmax, 10 splits of a fixed (seed 2020) shuffle, exp of the mean KL per split, mean and std.
+* Laplacian variance (sharpness; the VAE/GAN/VAE-GAN reports' blur measure) as OpenCV's
+  cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var(), per image, averaged.
+
+One feature pass gives FID's features and IS's logits, both through pytorch-fid's input pipeline
+(PyTorch bilinear resize to 299, 2x - 1); torch-fidelity resizes like TF 1.x and scales by
+(x - 128) / 128, so its IS can differ in the last digits. A set is an image folder, a statistics
+file (.npz with mu and sigma, pytorch-fid's format) or a dataset name of data.py (mnist, ...).
+
+    python metrics.py runs/dcgan-cifar10/samples --ref cifar10            # IS, FID, Laplacian var.
+    python metrics.py runs/vae_conv-mnist/samples runs/vaegan-mnist/samples --ref mnist --json
+    python metrics.py my_images/ --save-stats my_stats.npz                  # reusable FID statistics
+    python metrics.py runs/vae_conv-mnist/samples --lapvar-only             # no network needed
+    python metrics.py --plot runs/dcgan-mnist/losses.csv                    # redraw losses.png
+"""
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import pathlib
+import socket
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from scipy import linalg
+from torchvision.models import inception as tv_inception
+
+import data
+
+# pytorch-fid src/pytorch_fid/inception.py: FID_WEIGHTS_URL (TF inception-2015-12-05 ported to PyTorch)
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+DOWNLOAD_TIMEOUT_S = 15     # socket timeout: an offline machine fails fast instead of hanging
+FID_DIMS = 2048             # pool3 features; fewer images than this -> rank-deficient covariance
+IS_SPLITS = 10              # torch-fidelity defaults.py: isc_splits=10, samples_shuffle=True, rng_seed=2020
+IS_SEED = 2020
+
+
+class MetricsError(ValueError):
+    """An expected failure; str(e) is one plain sentence for the user."""
+
+
+def note(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ the FID Inception network
+# pytorch-fid fid_inception_v3(): torchvision's Inception v3 with 1008 classes and four kinds of
+# block patched so that the network computes what the TensorFlow graph computes.
+
+def _branch_pool(x, kind):
+    if kind == "avg":   # pytorch-fid FIDInceptionA/C/E_1: TF's average pool ignores the zero padding
+        return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    # pytorch-fid FIDInceptionE_2: the TF graph's last block max-pools here
+    return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+
+class FIDInceptionA(tv_inception.InceptionA):
+    def _forward(self, x):
+        b1 = self.branch1x1(x)
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [b1, b5, b3, self.branch_pool(_branch_pool(x, "avg"))]
+
+
+class FIDInceptionC(tv_inception.InceptionC):
+    def _forward(self, x):
+        b1 = self.branch1x1(x)
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            bd = conv(bd)
+        return [b1, b7, bd, self.branch_pool(_branch_pool(x, "avg"))]
+
+
+class FIDInceptionE(tv_inception.InceptionE):
+    """pytorch-fid FIDInceptionE_1 (pool="avg", Mixed_7b) and FIDInceptionE_2 (pool="max", Mixed_7c)."""
+
+    def __init__(self, in_channels, pool):
+        super().__init__(in_channels)
+        self.pool = pool
+
+    def _forward(self, x):
+        b1 = self.branch1x1(x)
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        return [b1, b3, bd, self.branch_pool(_branch_pool(x, self.pool))]
+
+
+def resize_299(x):
+    """pytorch-fid InceptionV3.forward (resize_input): bilinear to 299 x 299, align_corners=False."""
+    return F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+
+
+class InceptionFID(tv_inception.Inception3):
+    """Images in [0, 1] -> (pool3 features N x 2048, logits without fc bias N x 1008).
+
+    Same modules as torchvision.models.inception_v3(weights=None, aux_logits=False,
+    num_classes=1008, init_weights=False), so its state_dict keys are those of the weight file.
+    """
+
+    def __init__(self):
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7b = FIDInceptionE(1280, pool="avg")
+        self.Mixed_7c = FIDInceptionE(2048, pool="max")
+
+    def forward(self, x):                                        # N x 3 x H x W in [0, 1]
+        x = 2 * resize_299(x) - 1                                # N x 3 x 299 x 299 in [-1, 1]
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.maxpool1(x)                                     # N x 64 x 73 x 73
+        x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))   # N x 192 x 35 x 35
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d,    # -> N x 288 x 35 x 35
+                      self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,    # -> N x 768 x 17 x 17
+                      self.Mixed_6d, self.Mixed_6e,
+                      self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):   # -> N x 2048 x 8 x 8
+            x = block(x)
+        pool3 = torch.flatten(self.avgpool(x), 1)                # N x 2048 (FID)
+        logits = pool3 @ self.fc.weight.T                        # N x 1008: torch-fidelity "logits_unbiased" (IS)
+        return pool3, logits
+
+
+def resolve_device(device="auto"):
+    if str(device) != "auto":
+        try:
+            device = torch.device(device)
+        except RuntimeError:
+            raise MetricsError(f"{device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise MetricsError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def weights_path(weights=None):
+    """--weights PATH, else torch.hub's cache, else download into that cache (short timeout)."""
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise MetricsError(f"the weights file {weights} does not exist; pass the path of "
+                               f"{FID_WEIGHTS_FILE} (from {FID_WEIGHTS_URL}) with --weights")
+        return str(weights)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", FID_WEIGHTS_FILE)
+    if os.path.isfile(cached):
+        return cached
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        note(f"downloading the FID Inception weights from {FID_WEIGHTS_URL}")
+        torch.hub.download_url_to_file(FID_WEIGHTS_URL, cached, progress=True)  # temp file + rename
+    except Exception as e:  # noqa: BLE001  (URLError, timeout, HTTP errors: all mean "not available")
+        raise MetricsError(f"the FID Inception weights are not in the cache {cached} and could not be "
+                           f"downloaded from {FID_WEIGHTS_URL} ({e.__class__.__name__}); download that "
+                           f"file to {cached} or pass its path with --weights PATH") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    return cached
+
+
+def load_inception(weights=None, device="cpu"):
+    """The FID Inception network with the pytorch-fid weights, in eval mode on device."""
+    path = weights_path(weights)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (truncated file, not a PyTorch file, pickled code)
+        raise MetricsError(f"{path} cannot be read as a PyTorch weights file ({e.__class__.__name__}); "
+                           f"download {FID_WEIGHTS_URL} again") from None
+    model = InceptionFID()
+    if not isinstance(state, dict):
+        raise MetricsError(f"{path} does not hold a state dict; it is not {FID_WEIGHTS_FILE}")
+    # Files saved before PyTorch 0.4.1 lack BatchNorm's num_batches_tracked (unused in eval mode);
+    # BatchNorm itself fills them for such files. Every other key must match exactly.
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state.setdefault(key, value)
+    missing = sorted(set(model.state_dict()) - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise MetricsError(f"{path} is not the FID Inception weight file {FID_WEIGHTS_FILE}: "
+                           f"{len(missing)} keys missing (e.g. {missing[:2]}), "
+                           f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise MetricsError(f"{path} has tensors of the wrong shape for the FID Inception network "
+                           f"({str(e).splitlines()[-1].strip()})") from None
+    model.requires_grad_(False).eval().to(device)
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ------------------------------------------------------------------ one pass over a set of images
+
+def _batches(source, batch_size, skipped):
+    """Yield lists of uint8 C x H x W tensors; unreadable files are appended to skipped."""
+    for start in range(0, len(source), batch_size):
+        chunk = source[start:start + batch_size]
+        if isinstance(chunk, torch.Tensor):
+            yield list(chunk)
+            continue
+        images = []
+        for path in chunk:
+            try:
+                images.append(data.read_image(path, channels=3))
+            except data.DataError:
+                skipped.append(path)
+        if images:
+            yield images
+
+
+def _model_input(images, device):
+    """uint8 C x H x W images -> N x 3 x H x W float in [0, 1] on device, as pytorch-fid's
+    PIL .convert("RGB") + ToTensor: grayscale replicated, divided by 255. Images of different
+    sizes are each resized to 299 x 299 on their own (the network's resize is then the identity)."""
+    xs = [im.to(device).float().div(255).expand(3, -1, -1).unsqueeze(0) for im in images]
+    if any(x.shape != xs[0].shape for x in xs):
+        xs = [resize_299(x) for x in xs]
+    x = torch.cat(xs)
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+def compute_features(source, model=None, batch_size=50, device="cpu", lapvar=False, name="images",
+                     progress=True):
+    """One pass over images: Inception features (if model) and Laplacian variances (if lapvar).
+
+    source: uint8 tensor N x C x H x W (C = 1 or 3), a list of image paths, or a folder.
+    Returns a dict: n, pool3 (n x 2048 float64), logits (n x 1008 float32), lapvar (n float64)
+    (None where not asked for) and skipped (unreadable files, left out with a warning).
+    """
+    if isinstance(source, (str, pathlib.Path)):
+        source = data.list_images(source)
+    if isinstance(source, np.ndarray):
+        source = torch.from_numpy(source)
+    if isinstance(source, torch.Tensor) and (source.dtype != torch.uint8 or source.dim() != 4
+                                             or source.shape[1] not in (1, 3)):
+        raise MetricsError(f"{name}: expected uint8 images N x C x H x W with C = 1 or 3, "
+                           f"got {source.dtype} {tuple(source.shape)}")
+    device = torch.device(device)
+    pool3, logits, lap, skipped, sizes = [], [], [], [], set()
+    done, t0, last_print = 0, time.time(), 0.0
+    show = progress and model is not None
+    with torch.inference_mode():
+        for images in _batches(source, batch_size, skipped):
+            if len(sizes) < 2:
+                sizes.update(tuple(im.shape[1:]) for im in images)
+                if len(sizes) > 1:
+                    (h1, w1), (h2, w2) = sorted(sizes)[:2]
+                    note(f"note: {name} has images of different sizes ({h1}x{w1}, {h2}x{w2}, ...); "
+                         f"each is resized to 299x299 on its own")
+            if model is not None:
+                p, lg = model(_model_input(images, device))
+                pool3.append(p.double().cpu().numpy())
+                logits.append(lg.float().cpu().numpy())
+            if lapvar:
+                lap.append(laplacian_variance(images))
+            done += len(images)
+            if show and time.time() - last_print > 1.0:
+                last_print = time.time()
+                print(f"\r{name}: {done}/{len(source)} images, {done / (last_print - t0):.1f} images/s",
+                      end="", file=sys.stderr, flush=True)
+    if show:
+        elapsed = max(time.time() - t0, 1e-9)
+        print(f"\r{name}: {done} images in {elapsed:.1f} s ({done / elapsed:.1f} images/s)", file=sys.stderr)
+    if skipped:
+        note(f"warning: skipped {len(skipped)} unreadable file(s) of {name}, e.g. {skipped[0]}")
+    if done == 0:
+        raise MetricsError(f"{name} has no readable images")
+    return {"n": done, "skipped": skipped,
+            "pool3": np.concatenate(pool3) if pool3 else None,
+            "logits": np.concatenate(logits) if logits else None,
+            "lapvar": np.concatenate(lap) if lap else None}
+
+
+# ------------------------------------------------------------------ FID
+
+def stats_from_features(pool3):
+    """pytorch-fid calculate_activation_statistics: mu = mean over images, sigma = np.cov (N-1)."""
+    act = np.asarray(pool3, dtype=np.float64)
+    if act.ndim != 2 or act.shape[0] < 2:
+        raise MetricsError(f"a covariance needs at least 2 feature vectors, got shape {act.shape}")
+    return np.mean(act, axis=0), np.cov(act, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982; FID eq. in
+    Heusel et al. 2017), step by step as pytorch-fid calculate_frechet_distance:
+
+        d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise MetricsError(f"the two sets' statistics have different dimensions "
+                           f"(mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape})")
+    diff = mu1 - mu2
+    # pytorch-fid calls sqrtm(..., disp=False) (deprecated, removed in SciPy 1.18) and then checks
+    # finiteness itself; here the same check, with sqrtm's singular-matrix warning silenced.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():      # product (almost) singular: retry with eps on the diagonal
+            note(f"warning: fid calculation produces singular product; adding {eps} to diagonal of "
+                 f"cov estimates")
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):                # numerical error may leave a small imaginary part
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise MetricsError(f"the matrix square root in the FID has an imaginary component of "
+                               f"{np.max(np.abs(covmean.imag)):.3g}; the covariances are too "
+                               f"ill-conditioned: use more images")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ------------------------------------------------------------------ Inception Score
+
+def inception_score(logits, splits=IS_SPLITS, shuffle=True, seed=IS_SEED):
+    """(mean, std) of IS = exp(E_x KL(p(y|x) || p(y))) over splits, as torch-fidelity
+    isc_features_to_metric: rows shuffled by np.random.RandomState(2020).permutation, float64
+    softmax over all 1008 classes, split i = rows [i*N//splits, (i+1)*N//splits), p(y) = the
+    split's mean of p(y|x), std with ddof=0 (np.std; also Salimans et al.'s code)."""
+    logits = torch.as_tensor(np.asarray(logits)).double()
+    n = logits.shape[0]
+    if logits.dim() != 2 or n < splits:
+        raise MetricsError(f"the Inception Score with {splits} splits needs at least {splits} images, "
+                           f"got {n}")
+    if shuffle:
+        logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
+    p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
+    scores = []
+    for i in range(splits):
+        rows = slice(i * n // splits, (i + 1) * n // splits)
+        log_py = p[rows].mean(dim=0, keepdim=True).log()                # log p(y) of this split
+        kl = (p[rows] * (log_p[rows] - log_py)).sum(dim=1)             # KL(p(y|x) || p(y)) per image
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ------------------------------------------------------------------ Laplacian variance
+
+# OpenCV 4 cvtColor RGB2GRAY for 8-bit images (color_rgb.simd.hpp, RGB2Gray<uchar>): ITU-R 601
+# luma in 15-bit fixed point, rounded half up: Y = (9798 R + 19235 G + 3735 B + 2^14) >> 15.
+# (OpenCV 3 used 14 bits, 4899/9617/1868; a few pixels can differ by 1.) Gray stays gray exactly.
+LUMA_15BIT = (9798, 19235, 3735)
+LAPLACIAN_3X3 = torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], dtype=torch.float64)
+
+
+def laplacian_variance(images_uint8):
+    """Per-image variance of the Laplacian of the 8-bit luma: OpenCV's
+    cv2.Laplacian(gray, cv2.CV_64F).var() (ksize=1: kernel [[0,1,0],[1,-4,1],[0,1,0]],
+    BORDER_DEFAULT = reflect-101, population variance). images: uint8 N x C x H x W or N x H x W
+    (tensor or array, C = 1 or 3), or a list of C x H x W images of any sizes. Returns float64 (N,)."""
+    if isinstance(images_uint8, (list, tuple)):
+        return np.concatenate([laplacian_variance(im.unsqueeze(0) if isinstance(im, torch.Tensor)
+                                                  else np.asarray(im)[None]) for im in images_uint8])
+    x = images_uint8 if isinstance(images_uint8, torch.Tensor) else torch.from_numpy(np.array(images_uint8))
+    if x.dtype != torch.uint8:
+        raise MetricsError(f"laplacian_variance needs 8-bit images, got {x.dtype}")
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    x = x.to(torch.int32)
+    if x.shape[1] == 3:
+        r, g, b = LUMA_15BIT
+        x = (r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3] + (1 << 14)) >> 15
+    gray = x.double()                                                   # N x 1 x H x W
+    mode = "reflect" if min(gray.shape[-2:]) > 1 else "replicate"       # reflect-101 (gfedcb|abcdefgh|gfedcba)
+    lap = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode=mode), LAPLACIAN_3X3.view(1, 1, 3, 3))
+    return lap.flatten(1).var(dim=1, unbiased=False).numpy()            # numpy .var(): ddof=0
+
+
+# ------------------------------------------------------------------ sets: folder, .npz or dataset
+
+STAT_KEYS = ("n", "is_mean", "is_std", "lapvar", "lapvar_std")   # stored beside mu and sigma
+
+
+def load_stats(path):
+    """A statistics .npz (pytorch-fid's format: mu, sigma; ours adds n, IS and Laplacian var.)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as e:
+        raise MetricsError(f"{path} cannot be read as a .npz statistics file ({e})") from None
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise MetricsError(f"{path} has no 'mu' and 'sigma' arrays (it has {sorted(arrays)}); "
+                           f"it is not a pytorch-fid statistics file")
+    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise MetricsError(f"{path}: mu has shape {mu.shape} but sigma has shape {sigma.shape}; "
+                           f"expected (d,) and (d, d)")
+    stats = {"mu": mu, "sigma": sigma}
+    for key in STAT_KEYS + ("weights_sha256",):
+        if key in arrays:
+            stats[key] = arrays[key].item()
+    return stats
+
+
+def save_stats(path, stats):
+    """Write stats atomically (temporary file, then rename)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **{k: v for k, v in stats.items() if v is not None and k in
+                     ("mu", "sigma", "weights_sha256") + STAT_KEYS})
+    os.replace(tmp, path)
+
+
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def open_set(spec, args):
+    """Where a set comes from: ("npz", path), ("folder", [paths]) or ("dataset", (name, split))."""
+    if spec.endswith(".npz"):
+        if not os.path.isfile(spec):
+            raise MetricsError(f"statistics file {spec} does not exist")
+        return "npz", spec
+    if os.path.isdir(spec):
+        files = data.list_images(spec)
+        if args.n is not None:
+            if len(files) < args.n:
+                note(f"note: {spec} has {len(files)} images, fewer than --n {args.n}; using all")
+            files = files[:args.n]
+        return "folder", files
+    name, _, split = spec.partition(":")
+    if name in data.DATASETS:
+        return "dataset", (name, split or "train")
+    raise MetricsError(f"{spec} is not an image folder, a .npz statistics file or a dataset name "
+                       f"({', '.join(data.DATASETS)}, optionally with :test)")
+
+
+def evaluate_set(spec, opened, args, get_model):
+    """IS, FID statistics and Laplacian variance of one set (opened = open_set(spec, args)), as a
+    dict with mu, sigma, n, is_mean, is_std, lapvar, lapvar_std where available."""
+    kind, where = opened
+    if kind == "npz":
+        return {"n": None, **load_stats(where)}
+    cache = None
+    if kind == "dataset":
+        name, split = where
+        images = data.load(name, root=args.data_root, split=split, verbose=False).images
+        images = images[:args.n] if args.n is not None else images
+        tag = name if split == "train" else f"{name}-{split}"
+        cache = pathlib.Path(args.data_root) / "cache" / f"fid_stats_{tag}_{len(images)}.npz"
+        where = images
+    if len(where) < 2 and not args.lapvar_only:
+        raise MetricsError(f"{spec} has only {len(where)} image; IS and FID need at least 2 "
+                           f"(and {FID_DIMS} or more for an unbiased FID)")
+    if cache is not None and not args.lapvar_only and cache.is_file():
+        stats = load_stats(cache)
+        if stats.get("weights_sha256") == get_model.sha256() and stats.get("is_mean") is not None:
+            note(f"{spec}: reference statistics from {cache}")
+            return stats
+    model = None if args.lapvar_only else get_model()
+    out = compute_features(where, model, args.batch_size, get_model.device, lapvar=True, name=spec)
+    stats = {"n": out["n"], "lapvar": float(out["lapvar"].mean()), "lapvar_std": float(out["lapvar"].std())}
+    if model is not None:
+        stats["mu"], stats["sigma"] = stats_from_features(out["pool3"])
+        splits = min(args.splits, out["n"])
+        if splits < args.splits:
+            note(f"note: {spec} has {out['n']} images; the Inception Score uses {splits} splits")
+        stats["is_mean"], stats["is_std"] = inception_score(out["logits"], splits)
+        if out["n"] < FID_DIMS:
+            note(f"warning: {spec} has {out['n']} images, fewer than {FID_DIMS}: its covariance is "
+                 f"rank-deficient and an FID against it is biased (papers use 10,000-50,000)")
+        if cache is not None:
+            stats["weights_sha256"] = get_model.sha256()
+            save_stats(cache, stats)
+    return stats
+
+
+class LazyInception:
+    """Loads the network on first use only (.npz and cached sets need no network)."""
+
+    def __init__(self, weights, device):
+        self.weights, self.device, self.model, self._sha = weights, resolve_device(device), None, None
+
+    def __call__(self):
+        if self.model is None:
+            self.model = load_inception(self.weights, self.device)
+        return self.model
+
+    def sha256(self):
+        if self._sha is None:
+            self._sha = _file_sha256(weights_path(self.weights))
+        return self._sha
+
+
+# ------------------------------------------------------------------ loss plots (Pillow only)
+
+PLOT_W, PANEL_H = 960, 320
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+def _font(size=13):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:                    # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _nice_ticks(lo, hi, count=5):
+    """Round tick values (1, 2, 5 x 10^k steps) covering [lo, hi]."""
+    if not hi > lo:
+        lo, hi = lo - 0.5 * max(abs(lo), 1.0), hi + 0.5 * max(abs(hi), 1.0)
+    raw = (hi - lo) / count
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if raw <= m * step)
+    first = math.floor(lo / step) * step
+    return [first + i * step for i in range(int(math.ceil((hi - first) / step - 1e-9)) + 1)]
+
+
+def _group_panels(series):
+    """-> [(title, names)]: columns named D(...) share a probability panel; the others share loss
+    panels of similar magnitude (a new panel where a median |value| is 30x the panel's smallest)."""
+    probs = [k for k in series if k.startswith("D(")]
+    scale = {k: float(np.median(np.abs([v for _, v in series[k]]))) + 1e-12 for k in series}
+    groups, base = [], None
+    for k in sorted((k for k in series if k not in probs), key=scale.get):
+        if not groups or scale[k] > 30 * base:
+            groups.append([])
+            base = scale[k]
+        groups[-1].append(k)
+    groups = [[k for k in series if k in g] for g in groups]                # csv column order
+    panels = [(", ".join(g) if len(g) <= 4 else "losses", g) for g in groups]
+    if probs:
+        panels.append(("discriminator outputs (probability)", probs))
+    return panels or [("no data yet", [])]
+
+
+def _draw_panel(draw, top, title, names, series, epoch_starts, font):
+    """One panel: grid, round ticks, faint epoch boundaries, curves (dots for sparse ones), legend."""
+    left, right, top_px, bottom = 80, PLOT_W - 20, top + 28, top + PANEL_H - 45
+    points = [pt for k in names for pt in series[k]] or [(0.0, 0.0), (1.0, 1.0)]
+    xlo, xhi = min(x for x, _ in points), max(x for x, _ in points)
+    ylo, yhi = (0.0, 1.0) if title.startswith("discriminator") else (min(y for _, y in points),
+                                                                      max(y for _, y in points))
+    xt, yt = _nice_ticks(xlo, xhi), _nice_ticks(ylo, yhi)
+    xlo, xhi, ylo, yhi = min(xlo, xt[0]), max(xhi, xt[-1]), min(ylo, yt[0]), max(yhi, yt[-1])
+
+    def px(x, y):
+        return (left + (x - xlo) / (xhi - xlo) * (right - left),
+                bottom - (y - ylo) / (yhi - ylo) * (bottom - top_px))
+
+    for e in epoch_starts:
+        draw.line([px(e, ylo), px(e, yhi)], fill="#eeeeee")
+    for t in yt:
+        y = px(xlo, t)[1]
+        draw.line([(left, y), (right, y)], fill="#dddddd")
+        label = f"{t:.4g}"
+        draw.text((left - 6 - draw.textlength(label, font=font), y - 7), label, fill="black", font=font)
+    for t in xt:
+        x = px(t, ylo)[0]
+        draw.line([(x, bottom), (x, bottom + 4)], fill="black")
+        label = f"{t:.6g}"
+        draw.text((x - draw.textlength(label, font=font) / 2, bottom + 6), label, fill="black", font=font)
+    draw.rectangle([left, top_px, right, bottom], outline="black")
+    draw.text((left, top + 6), title, fill="black", font=font)
+    draw.text(((left + right) / 2 - 12, bottom + 22), "step", fill="black", font=font)
+    colors = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(names)}
+    for k in sorted(names, key=lambda k: -len(series[k])):          # sparse series drawn on top
+        pts = [px(x, y) for x, y in series[k]]
+        if len(pts) > 1:
+            draw.line(pts, fill=colors[k], width=1 if len(pts) > 500 else 2)
+        if len(pts) <= 50:
+            for x, y in pts:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[k])
+    if names:                                                        # legend, top right, on top
+        lx = right - 46 - max(draw.textlength(k, font=font) for k in names)
+        draw.rectangle([lx - 6, top_px + 5, right - 6, top_px + 13 + 18 * len(names)], fill="white",
+                       outline="#999999")
+        for i, k in enumerate(names):
+            ly = top_px + 9 + 18 * i
+            draw.line([(lx, ly + 7), (lx + 22, ly + 7)], fill=colors[k], width=3)
+            draw.text((lx + 28, ly), k, fill="black", font=font)
+
+
+def plot_losses(csv_path, png_path):
+    """Draw losses.csv (columns step, epoch, then loss terms and diagnostics; blank cells are
+    skipped) as a PNG of PLOT_W x PANEL_H*panels pixels, one panel per group of quantities."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = [k for k in (rows[0].keys() if rows else []) if k not in ("step", "epoch")]
+    series, epoch_starts, last_epoch = {k: [] for k in names}, [], None
+    for i, row in enumerate(rows):
+        try:
+            x = float(row.get("step") or i)
+        except ValueError:
+            continue
+        if row.get("epoch") not in (None, "", last_epoch):
+            if last_epoch is not None:
+                epoch_starts.append(x)
+            last_epoch = row["epoch"]
+        for k in names:
+            try:
+                y = float(row[k])
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(y):
+                series[k].append((x, y))
+    series = {k: v for k, v in series.items() if v}
+    panels = _group_panels(series)
+    img = Image.new("RGB", (PLOT_W, PANEL_H * len(panels)), "white")
+    draw, font = ImageDraw.Draw(img), _font()
+    for i, (title, group) in enumerate(panels):
+        _draw_panel(draw, i * PANEL_H, title, group, series, epoch_starts[:200], font)
+    png_path = pathlib.Path(png_path)
+    tmp = png_path.with_name(png_path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, png_path)
+    return png_path
+
+
+# ------------------------------------------------------------------ command line
+
+def _fmt(value, spec, std=None):
+    if value is None:
+        return "-"
+    return f"{value:{spec}}" + (f" +- {std:{spec}}" if std is not None else "")
+
+
+def print_table(rows):
+    header = ["set", "n", "IS (mean +- std)", "FID", "Laplacian var. (mean +- std)"]
+    cells = [[name, _fmt(r.get("n"), "d"), _fmt(r.get("is_mean"), ".2f", r.get("is_std")),
+              _fmt(r.get("fid"), ".2f"), _fmt(r.get("lapvar"), ".1f", r.get("lapvar_std"))]
+             for name, r in rows]
+    widths = [max(len(c[i]) for c in cells + [header]) for i in range(len(header))]
+    line = lambda c: "| " + " | ".join(s.ljust(w) if i == 0 else s.rjust(w)  # noqa: E731
+                                       for i, (s, w) in enumerate(zip(c, widths))) + " |"
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for c in cells:
+        print(line(c))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("samples", nargs="*", metavar="SAMPLES",
+                   help="image folder(s), .npz statistics, or dataset names (mnist, cifar10:test, ...)")
+    p.add_argument("--ref", help="reference set for FID: folder, .npz, or dataset name")
+    p.add_argument("--n", type=int, help="use the first N images of each folder/dataset (default: all)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward pass")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--weights", help=f"path of {FID_WEIGHTS_FILE} (default: torch.hub cache, "
+                                     f"downloaded when online)")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the (single) set's FID statistics")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--lapvar-only", action="store_true", help="only the Laplacian variance (no network)")
+    p.add_argument("--splits", type=int, default=IS_SPLITS, help="Inception Score splits")
+    p.add_argument("--data-root", default="data", help="dataset root; reference statistics are "
+                                                       "cached in DATA_ROOT/cache")
+    p.add_argument("--plot", metavar="CSV", help="redraw CSV (a losses.csv) as a PNG beside it")
+    args = p.parse_args(argv)
+    try:
+        if args.plot:
+            print(plot_losses(args.plot, pathlib.Path(args.plot).with_suffix(".png")))
+            return
+        if not args.samples:
+            p.error("give at least one SAMPLES set (or --plot CSV)")
+        if args.batch_size < 1 or (args.n is not None and args.n < 1) or args.splits < 1:
+            p.error("--batch-size, --n and --splits must be positive")
+        if args.save_stats and (len(args.samples) != 1 or args.lapvar_only):
+            raise MetricsError("--save-stats takes exactly one SAMPLES set and needs the network "
+                               "(not --lapvar-only)")
+        specs = args.samples + ([args.ref] if args.ref else [])
+        opened = {spec: open_set(spec, args) for spec in specs}  # bad paths fail before long work
+        get_model = LazyInception(args.weights, args.device)
+        ref = evaluate_set(args.ref, opened[args.ref], args, get_model) if args.ref else None
+        rows = []
+        for spec in args.samples:
+            stats = evaluate_set(spec, opened[spec], args, get_model)
+            stats["fid"] = None
+            if ref is not None and "mu" in ref and "mu" in stats:
+                note(f"{spec}: FID against {args.ref} (a {ref['mu'].size}x{ref['mu'].size} matrix square root)")
+                stats["fid"] = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"])
+            rows.append((spec, stats))
+        if args.save_stats:
+            save_stats(args.save_stats, rows[0][1])
+            note(f"saved FID statistics of {args.samples[0]} to {args.save_stats}")
+        if args.json:
+            keys = ("is_mean", "is_std", "fid", "lapvar", "lapvar_std", "n")
+            out = {spec: {**{k: s.get(k) for k in keys}, "reference": False} for spec, s in rows}
+            if ref is not None:
+                out[args.ref if args.ref not in out else f"{args.ref} (reference)"] = {
+                    **{k: ref.get(k) for k in keys if k != "fid"}, "fid": None, "reference": True}
+            print(json.dumps(out, indent=2))
+        else:
+            print_table(rows + ([(f"{args.ref} (reference)", {**ref, "fid": None})] if ref is not None else []))
+    except (MetricsError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Tests of metrics.py: FID, IS and Laplacian variance against closed forms and hand computations,
+the weight-file format, the feature pass, the CLI and the loss plot. CPU only, no network: the
+Inception weights are random, in the format of pytorch-fid's pt_inception-2015-12-05-6726825d.pth."""
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import metrics  # noqa: E402
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """Random weights in the real file's format: the state dict of torchvision's Inception v3 with
+    1008 classes and no aux head (pytorch-fid loads the real file into exactly these modules).
+    Conv weights are scaled by sqrt(6) (He gain) so that the features are O(1), not ~1e-8."""
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    state = net.state_dict()
+    for key, value in state.items():
+        if key.endswith("conv.weight"):
+            value.mul_(math.sqrt(6))
+    path = tmp_path_factory.mktemp("weights") / metrics.FID_WEIGHTS_FILE
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(weights_file):
+    return metrics.load_inception(weights_file, "cpu")
+
+
+@pytest.fixture
+def small_network(monkeypatch):
+    """For the CLI tests, which check plumbing: on the 2-core CPU a 299x299 image takes ~0.25 s and
+    a 2048x2048 sqrtm ~40 s, so here the network sees 75x75 inputs (its smallest) and the FID
+    uses the first 64 pool3 features. Numerics are tested at full size elsewhere."""
+    monkeypatch.setattr(metrics, "resize_299",
+                        lambda x: F.interpolate(x, size=(75, 75), mode="bilinear", align_corners=False))
+    forward = metrics.InceptionFID.forward
+    monkeypatch.setattr(metrics.InceptionFID, "forward", lambda self, x: (lambda p, lg: (p[:, :64], lg))(
+        *forward(self, x)))
+
+
+def make_folder(path, n, seed, size=12, mode="RGB"):
+    """n random PNGs; seed also shifts the brightness so that sets differ."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    for i in range(n):
+        arr = np.clip(rng.normal(60 + 40 * seed, 50, shape), 0, 255).astype(np.uint8)
+        Image.fromarray(arr, mode).save(path / f"{i:06d}.png")
+    return path
+
+
+def run_cli(capsys, *argv):
+    metrics.main([str(a) for a in argv])
+    return capsys.readouterr()
+
+
+# ------------------------------------------------------------------ FID
+
+def random_cov(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    act = np.random.default_rng(0).normal(size=(500, 128)) * 3 + 1
+    mu, sigma = metrics.stats_from_features(act)
+    np.testing.assert_allclose(mu, act.mean(0))
+    np.testing.assert_allclose(sigma, (act - mu).T @ (act - mu) / (len(act) - 1))   # np.cov, N-1
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) <= 1e-6 * 2 * np.trace(sigma)
+
+
+def test_fid_equal_covariances_is_squared_mean_distance():
+    rng = np.random.default_rng(1)
+    sigma, mu1, mu2 = random_cov(rng, 64), rng.normal(size=64), rng.normal(size=64)
+    assert metrics.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-7)
+
+
+def test_fid_diagonal_gaussians_closed_form():
+    rng = np.random.default_rng(2)
+    a, b = rng.uniform(0.1, 4, 32), rng.uniform(0.1, 4, 32)
+    mu1, mu2 = rng.normal(size=32), rng.normal(size=32)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_general_gaussians_against_symmetric_form():
+    # Tr (S1 S2)^(1/2) = Tr (S1^(1/2) S2 S1^(1/2))^(1/2): eigenvalues of a symmetric matrix
+    rng = np.random.default_rng(3)
+    s1, s2, mu1, mu2 = random_cov(rng, 48), random_cov(rng, 48), rng.normal(size=48), rng.normal(size=48)
+    w, v = np.linalg.eigh(s1)
+    root1 = v @ np.diag(np.sqrt(w)) @ v.T
+    tr_covmean = np.sum(np.sqrt(np.linalg.eigvalsh(root1 @ s2 @ root1)))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_singular_product_retries_with_eps(capsys):
+    # sqrtm of the product [[0, 1], [0, 0]] does not exist (inf); with eps on the diagonal
+    # Tr sqrt((S1 + eps I)(S2 + eps I)) = 2 sqrt(eps (1 + eps)), so FID = 2 - 4 sqrt(eps (1 + eps)).
+    s1, s2, mu, eps = np.array([[0.0, 1.0], [0.0, 0.0]]), np.eye(2), np.zeros(2), 1e-6
+    fid = metrics.frechet_distance(mu, s1, mu, s2, eps=eps)
+    assert fid == pytest.approx(2 - 4 * math.sqrt(eps * (1 + eps)), rel=1e-9)
+    assert "singular product; adding 1e-06 to diagonal" in capsys.readouterr().err
+
+
+def test_fid_rank_deficient_covariances_do_not_crash():
+    rng = np.random.default_rng(4)                           # 6 images, 64 dims: rank 5
+    fid = metrics.frechet_distance(*metrics.stats_from_features(rng.normal(size=(6, 64))),
+                                   *metrics.stats_from_features(rng.normal(size=(6, 64)) + 1))
+    assert math.isfinite(fid) and fid > 0
+
+
+def test_fid_imaginary_component_tolerance():
+    mu = np.zeros(2)
+    # eigenvalue -1e-8: imaginary part 1e-4 on the diagonal, under pytorch-fid's atol 1e-3 -> real part kept
+    assert metrics.frechet_distance(mu, np.diag([1.0, -1e-8]), mu, np.eye(2)) == pytest.approx(
+        (1 - 1e-8) + 2 - 2 * 1.0, abs=1e-7)
+    with pytest.raises(metrics.MetricsError, match="imaginary component"):
+        metrics.frechet_distance(mu, np.diag([1.0, -1.0]), mu, np.eye(2))
+    with pytest.raises(metrics.MetricsError, match="different dimensions"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), mu, np.eye(2))
+
+
+# ------------------------------------------------------------------ Inception Score
+
+def test_is_of_uniform_predictions_is_one():
+    mean, std = metrics.inception_score(np.zeros((100, 1008), np.float32))
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_is_of_confident_even_predictions_is_k():
+    k = 7
+    logits = np.zeros((10 * 3 * k, 1008), np.float32)
+    logits[np.arange(len(logits)), np.tile(np.arange(k), 30)] = 60.0     # p(y|x) one-hot to 1e-23
+    mean, std = metrics.inception_score(logits, splits=10, shuffle=False)   # each split: 3 of each class
+    assert mean == pytest.approx(k, rel=1e-9) and std == pytest.approx(0.0, abs=1e-9)
+    assert metrics.inception_score(logits, splits=1)[0] == pytest.approx(k, rel=1e-9)  # shuffled
+
+
+def test_is_matches_salimans_formula_with_torch_fidelity_shuffle():
+    logits = np.random.default_rng(5).normal(scale=3, size=(230, 1008)).astype(np.float32)
+    perm = np.random.RandomState(2020).permutation(230)                  # torch-fidelity's shuffle
+    p = np.exp(logits[perm].astype(np.float64))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for i in range(10):                                                 # Salimans et al.'s code
+        part = p[i * 230 // 10:(i + 1) * 230 // 10]
+        kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+        scores.append(np.exp(kl.sum(1).mean()))
+    mean, std = metrics.inception_score(logits)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-10)
+    assert std == pytest.approx(np.std(scores), rel=1e-8)                 # ddof=0
+    with pytest.raises(metrics.MetricsError, match="at least 10 images"):
+        metrics.inception_score(logits[:9])
+
+
+# ------------------------------------------------------------------ Laplacian variance
+
+def laplacian_by_hand(img):
+    """Direct loops: reflect-101 borders (index -1 -> 1, n -> n-2), population variance."""
+    h, w = img.shape
+    at = lambda i, j: float(img[abs(i) if i < h else 2 * h - 2 - i, abs(j) if j < w else 2 * w - 2 - j])  # noqa: E731
+    lap = [at(i - 1, j) + at(i + 1, j) + at(i, j - 1) + at(i, j + 1) - 4 * at(i, j)
+           for i in range(h) for j in range(w)]
+    mean = sum(lap) / len(lap)
+    return sum((v - mean) ** 2 for v in lap) / len(lap)
+
+
+def test_laplacian_variance_hand_computed():
+    img = np.random.default_rng(6).integers(0, 256, (5, 7), dtype=np.uint8)
+    assert metrics.laplacian_variance(img[None])[0] == pytest.approx(laplacian_by_hand(img), rel=1e-12)
+    checker = (np.indices((6, 6)).sum(0) % 2 * 255).astype(np.uint8)     # reflect-101 keeps the pattern
+    flat = np.full((6, 6), 77, np.uint8)
+    np.testing.assert_allclose(metrics.laplacian_variance(np.stack([checker, flat])), [1020.0 ** 2, 0.0])
+
+
+def test_laplacian_variance_luma_is_opencv_fixed_point():
+    # OpenCV 4: red 255 -> (9798*255 + 16384) >> 15 = 76; green -> 150; blue -> 29
+    checker = np.indices((6, 6)).sum(0) % 2 * 255
+    for channel, gray in ((0, 76), (1, 150), (2, 29)):
+        rgb = np.zeros((1, 3, 6, 6), np.uint8)
+        rgb[0, channel] = checker
+        assert metrics.laplacian_variance(torch.from_numpy(rgb))[0] == (4.0 * gray) ** 2
+    gray_img = np.random.default_rng(7).integers(0, 256, (1, 1, 8, 8), dtype=np.uint8)
+    assert metrics.laplacian_variance(np.repeat(gray_img, 3, axis=1))[0] == metrics.laplacian_variance(gray_img)[0]
+    sizes = [torch.zeros(3, 5, 5, dtype=torch.uint8), torch.from_numpy(np.repeat(gray_img[0], 3, 0))]
+    np.testing.assert_allclose(metrics.laplacian_variance(sizes),            # list of mixed sizes
+                               [0.0, laplacian_by_hand(gray_img[0, 0])], rtol=1e-12)
+
+
+# ------------------------------------------------------------------ the network and its weights
+
+def test_weight_file_format_loads_with_strict_keys(weights_file, model, tmp_path):
+    state = torch.load(weights_file, weights_only=True)
+    assert set(model.state_dict()) == set(state) and len(state) == 566
+    assert model.fc.weight.shape == (1008, 2048)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(metrics.MetricsError, match="1 keys missing"):
+        metrics.load_inception(tmp_path / "bad.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a weights file")
+    with pytest.raises(metrics.MetricsError, match="cannot be read"):
+        metrics.load_inception(tmp_path / "junk.pth")
+    with pytest.raises(metrics.MetricsError, match="--weights"):
+        metrics.load_inception(tmp_path / "absent.pth")
+
+
+def test_offline_without_cache_says_url_cache_and_flag(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(metrics, "FID_WEIGHTS_URL", "http://127.0.0.1:9/" + metrics.FID_WEIGHTS_FILE)
+    with pytest.raises(metrics.MetricsError) as err:
+        metrics.load_inception()
+    msg = str(err.value)
+    assert "http://127.0.0.1:9/" in msg and "--weights" in msg
+    assert str(tmp_path / "hub" / "checkpoints" / metrics.FID_WEIGHTS_FILE) in msg
+
+
+def test_feature_pass_gray_mixed_sizes_corrupt(model, tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    gray = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    Image.fromarray(gray, "L").save(tmp_path / "a.png")
+    Image.fromarray(rgb, "RGB").save(tmp_path / "b.png")
+    (tmp_path / "c.png").write_bytes(b"\x89PNG broken")
+    out = metrics.compute_features(tmp_path, model, batch_size=50, lapvar=True, name="set")
+    err = capsys.readouterr().err
+    assert out["n"] == 2 and len(out["skipped"]) == 1 and "skipped 1 unreadable" in err
+    assert err.count("different sizes") == 1
+    with torch.inference_mode():   # each image alone, as pytorch-fid: ToTensor (/255), gray -> RGB
+        alone = [model(torch.from_numpy(a).float().div(255).reshape(1, *a.shape[:2], -1).permute(0, 3, 1, 2)
+                       .expand(1, 3, -1, -1)) for a in (gray, rgb)]
+    np.testing.assert_allclose(out["pool3"], torch.cat([p for p, _ in alone]).double().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["logits"], torch.cat([lg for _, lg in alone]).numpy(), rtol=1e-5, atol=1e-6)
+    assert out["pool3"].dtype == np.float64 and out["pool3"].shape == (2, 2048)
+    one_channel = metrics.compute_features(torch.from_numpy(gray)[None, None], model, progress=False)
+    np.testing.assert_allclose(one_channel["pool3"][0], out["pool3"][0], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ command line
+
+def test_cli_save_stats_npz_several_folders_json(small_network, weights_file, tmp_path, capsys):
+    a, b = make_folder(tmp_path / "a", 10, 1), make_folder(tmp_path / "b", 11, 2, size=16, mode="L")
+    r = make_folder(tmp_path / "r", 12, 0)
+    common = ["--weights", weights_file, "--device", "cpu", "--data-root", tmp_path / "data"]
+    run_cli(capsys, r, "--save-stats", tmp_path / "r.npz", *common)
+    with np.load(tmp_path / "r.npz", allow_pickle=False) as f:
+        assert f["mu"].shape == (64,) and f["sigma"].shape == (64, 64) and int(f["n"]) == 12
+    res = json.loads(run_cli(capsys, a, b, "--ref", tmp_path / "r.npz", "--json", *common).out)
+    assert list(res) == [str(a), str(b), str(tmp_path / "r.npz")]
+    for name, n in ((str(a), 10), (str(b), 11)):
+        assert {"is_mean", "is_std", "fid", "lapvar", "n"} <= set(res[name]) and res[name]["n"] == n
+        assert res[name]["fid"] > 0 and res[name]["is_mean"] >= 1 and res[name]["lapvar"] > 0
+    assert res[str(tmp_path / "r.npz")]["reference"] and res[str(tmp_path / "r.npz")]["fid"] is None
+    # the same FID from the reference folder itself, and from the functions directly
+    res2 = json.loads(run_cli(capsys, a, "--ref", r, "--json", *common).out)
+    assert res2[str(a)]["fid"] == pytest.approx(res[str(a)]["fid"], rel=1e-9)
+    model = metrics.load_inception(weights_file)
+    fa = metrics.compute_features(a, model, progress=False)
+    fr = metrics.compute_features(r, model, progress=False)
+    fid = metrics.frechet_distance(*metrics.stats_from_features(fa["pool3"]), *metrics.stats_from_features(fr["pool3"]))
+    assert res[str(a)]["fid"] == pytest.approx(fid, rel=1e-9)
+    assert res[str(a)]["is_mean"] == pytest.approx(metrics.inception_score(fa["logits"])[0], rel=1e-12)
+    table = run_cli(capsys, a, b, "--ref", tmp_path / "r.npz", *common).out.splitlines()
+    assert table[0].startswith("| set") and len(table) == 5 and "(reference)" in table[-1]
+
+
+def test_cli_dataset_reference_is_cached(small_network, weights_file, tmp_path, capsys):
+    a = make_folder(tmp_path / "a", 10, 1)
+    common = ["--weights", weights_file, "--device", "cpu", "--data-root", tmp_path / "data", "--n", 10, "--json"]
+    first = json.loads(run_cli(capsys, a, "--ref", "fake", *common).out)
+    assert (tmp_path / "data" / "cache" / "fid_stats_fake_10.npz").is_file()
+    out = run_cli(capsys, a, "--ref", "fake", *common)
+    assert "reference statistics from" in out.err
+    assert json.loads(out.out)[str(a)]["fid"] == pytest.approx(first[str(a)]["fid"], rel=1e-12)
+
+
+def test_cli_lapvar_only_through_the_script(tmp_path):
+    a = make_folder(tmp_path / "a", 3, 1)
+    proc = subprocess.run([sys.executable, str(ROOT / "metrics.py"), str(a), "--lapvar-only", "--json"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)[str(a)]
+    values = metrics.laplacian_variance([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1)
+                                         for p in sorted(a.glob("*.png"))])
+    assert res["n"] == 3 and res["fid"] is None and res["is_mean"] is None
+    assert res["lapvar"] == pytest.approx(values.mean(), rel=1e-12)
+    assert res["lapvar_std"] == pytest.approx(values.std(), rel=1e-12)
+
+
+def test_cli_errors_are_one_sentence(weights_file, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "metrics.py"), str(tmp_path / "empty")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: no image files")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+    def error_of(*argv):
+        with pytest.raises(SystemExit) as e:
+            run_cli(capsys, *argv, "--weights", weights_file, "--device", "cpu")
+        return str(e.value.code)
+
+    make_folder(tmp_path / "one", 1, 0)
+    assert "has only 1 image" in error_of(tmp_path / "one")
+    np.savez(tmp_path / "nomu.npz", mean=np.zeros(3))
+    assert "no 'mu' and 'sigma'" in error_of(tmp_path / "one", "--ref", tmp_path / "nomu.npz")
+    np.savez(tmp_path / "mismatch.npz", mu=np.zeros(3), sigma=np.eye(4))
+    assert "mu has shape (3,) but sigma has shape (4, 4)" in error_of(tmp_path / "mismatch.npz")
+    assert "is not an image folder" in error_of(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, tmp_path / "mismatch.npz", "--weights", tmp_path / "absent.pth")
+    assert "mu has shape" in str(e.value.code)
+    make_folder(tmp_path / "two", 2, 0)
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, tmp_path / "two", "--weights", tmp_path / "absent.pth")
+    assert str(e.value.code).startswith("error: the weights file") and "--weights" in str(e.value.code)
+
+
+# ------------------------------------------------------------------ loss plot
+
+def test_plot_losses_writes_png_with_blank_cells(tmp_path, capsys):
+    rows = ["step,epoch,loss_D,loss_G,D(x),D(G(z)),val_loss"]
+    for step in range(1, 41):
+        val = f"{1.5 - step / 100:.3f}" if step % 10 == 0 else ""                 # only some rows
+        rows.append(f"{step},{step // 10},{1.3 - step / 80:.4f},{0.9 + step / 50:.4f},"
+                    f"{0.5 + step / 100:.3f},{0.5 - step / 100:.3f},{val}")
+    (tmp_path / "losses.csv").write_text("\n".join(rows) + "\n")
+    png = metrics.plot_losses(tmp_path / "losses.csv", tmp_path / "losses.png")
+    with Image.open(png) as img:                         # a loss panel and a D(.) panel
+        assert img.size == (metrics.PLOT_W, 2 * metrics.PANEL_H) and img.mode == "RGB"
+        assert len(img.getcolors(1 << 16)) > 10          # something was drawn
+    run_cli(capsys, "--plot", tmp_path / "losses.csv")   # the CLI redraws beside the csv
+    assert (tmp_path / "losses.png").is_file()
