@@ -168,6 +168,9 @@ def main(argv=None):
             sys.exit(f"error: {args.resume} was not written by mlp_gan.py "
                      f"(script: {ckpt.get('script') if isinstance(ckpt, dict) else '?'}); use that script to resume it")
         restore_args(p, args, ckpt)
+    if ddp and args.sync_bn and device.type != "cuda":  # else DDP raises from inside PyTorch
+        sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
+                 "drop --sync-bn to keep BatchNorm per rank")
     args.amp = device.type == "cuda" if args.amp is None else args.amp
     args.out = args.out or os.path.join("runs", f"mlp_gan-{os.path.basename(os.path.normpath(args.data))}")
     torch.manual_seed(args.seed + rank)
