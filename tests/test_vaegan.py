@@ -1,0 +1,260 @@
+"""vaegan.py: the paper's architecture, the loss terms against hand computations, the gradient
+routing of Algorithm 1 against autograd on copies, and the script through its real entry point."""
+import copy
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import vaegan
+from vae_helpers import KL_HAND, KL_LOGVAR, KL_MU, rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--data", "fake", "--width", "8", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1"]
+COLUMNS = ["step", "epoch", "kl", "feat_mse", "pixel_mse", "loss_dis", "gan_dec", "D(x)", "D(x_tilde)", "D(x_p)",
+           "img_per_s", "test_kl", "test_feat_mse", "test_pixel_mse"]
+
+
+def run(tmp_path, *extra):
+    out = str(tmp_path / "run")
+    vaegan.main(SMALL + ["--out", out, *extra])
+    return out
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def convs(m):
+    return [(c.out_channels, c.kernel_size[0], c.stride[0]) for c in m.modules() if isinstance(c, (nn.Conv2d, nn.ConvTranspose2d))]
+
+
+def test_architecture_is_the_papers_at_64_and_keeps_its_layers_at_32():
+    m = vaegan.VAEGAN(latent_dim=128, width=64, channels=3, img_size=64)
+    assert convs(m.encoder) == [(64, 5, 2), (128, 5, 2), (256, 5, 2)]
+    assert convs(m.decoder) == [(256, 5, 2), (128, 5, 2), (32, 5, 2), (3, 5, 1)]
+    assert convs(m.discriminator) == [(32, 5, 1), (128, 5, 2), (256, 5, 2), (256, 5, 2)]
+    # By hand: 5x5 convs without bias where BatchNorm follows, BatchNorm scale + shift, dense layers
+    # 256*8*8 -> 2048 (encoder), 128 -> 256*8*8 (decoder), 256*8*8 -> 512 -> 1 (discriminator).
+    enc = 25 * (3 * 64 + 64 * 128 + 128 * 256) + 2 * (64 + 128 + 256) + 16384 * 2048 + 2 * 2048 + 2 * (2048 * 128 + 128)
+    dec = 128 * 16384 + 2 * 16384 + 25 * (256 * 256 + 256 * 128 + 128 * 32) + 2 * (256 + 128 + 32) + 25 * 32 * 3 + 3
+    dis = 25 * 3 * 32 + 32 + 25 * (32 * 128 + 128 * 256 + 256 * 256) + 2 * (128 + 256 + 256) + 16384 * 512 + 2 * 512 + 513
+    assert (n_params(m.encoder), n_params(m.decoder), n_params(m.discriminator)) == (enc, dec, dis)
+    assert (enc, dec, dis) == (35_112_768, 4_693_155, 10_953_857)
+    for size, side in ((32, 4), (64, 8)):
+        m = vaegan.VAEGAN(latent_dim=5, width=8, channels=1, img_size=size).eval()
+        x = torch.rand(2, 1, size, size) * 2 - 1
+        with torch.no_grad():
+            mu, logvar = m.encode(x)
+            logits, feats = m.discriminator(x)
+            assert mu.shape == logvar.shape == (2, 5) and m.decode(mu).shape == x.shape
+            assert logits.shape == (2,) and feats.shape == (2, 32 * side * side)  # Dis_l: 4w x S/8 x S/8
+
+
+def test_bad_image_size_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="multiple of 8"):
+        run(tmp_path, "--img-size", "36", "--epochs", "0")
+
+
+def test_loss_terms_match_hand_computations():
+    # One image: logits real 0, reconstruction ln 3, prior sample -ln 3 (D = 1/2, 3/4, 1/4).
+    #   Dis:  -ln(1/2) - ln(1 - 3/4) - ln(1 - 1/4) = ln 2 + ln 4 + ln(4/3)
+    #   Dec:  -ln(3/4) - ln(1/4)                    (non-saturating: both fakes labelled real)
+    # Four features, error (1, 2, 0, 0): feat_mse 5/4; L_llike = 1/2 * 5 = N_l / 2 * feat_mse.
+    x = torch.tensor([-1.0, 1.0, 0.0, 0.5]).view(1, 1, 2, 2)
+    x_tilde = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    logits = torch.tensor([0.0, math.log(3), -math.log(3)])
+    feats = torch.tensor([[0.0, 0, 0, 0], [1, 2, 0, 0], [9, 9, 9, 9]])
+    t = vaegan.vaegan_loss(x, KL_MU[1:], KL_LOGVAR[1:], x_tilde, logits, feats, gamma=15)
+    kl = 1 / 2 + 3 / 2 - math.log(2)  # vae_helpers' second image
+    assert t["kl"].item() == pytest.approx(kl, rel=1e-6)
+    assert t["feat_mse"].item() == pytest.approx(5 / 4)
+    assert t["loss_enc"].item() == pytest.approx(kl + 2.5, rel=1e-6)
+    assert t["loss_dis"].item() == pytest.approx(math.log(2) + math.log(4) + math.log(4 / 3), rel=1e-6)
+    assert t["gan_dec"].item() == pytest.approx(math.log(4 / 3) + math.log(4), rel=1e-6)
+    assert t["loss_dec"].item() == pytest.approx(15 * 5 / 4 + t["gan_dec"].item(), rel=1e-6)
+    # pixel_mse on [0, 1]-scaled pixels: errors 1, 0, 0, 1/4 in [-1, 1] units -> 1 + 1/16.
+    assert t["pixel_mse"].item() == pytest.approx(1.0625)
+    assert t["D(x)"].item() == pytest.approx(0.5) and t["D(x_p)"].item() == pytest.approx(0.25)
+    assert vaegan.kl_divergence(KL_MU, KL_LOGVAR).item() == pytest.approx(KL_HAND, rel=1e-6)
+
+
+@pytest.mark.parametrize("layer", [4, 1])
+def test_one_step_moves_each_network_by_the_gradient_of_its_own_loss_only(layer):
+    torch.manual_seed(0)
+    model = vaegan.VAEGAN(latent_dim=6, width=4, channels=3, img_size=16)
+    hand = copy.deepcopy(model)
+    x, eps, z_p, gamma, lr = torch.rand(5, 3, 16, 16) * 2 - 1, torch.randn(5, 6), torch.randn(5, 6), 15.0, 0.1
+    nets = [model.encoder, model.decoder, model.discriminator]
+    before = [[p.detach().clone() for p in n.parameters()] for n in nets]
+    opts = [torch.optim.SGD(n.parameters(), lr=lr) for n in nets]
+    vaegan.train_step(nets, opts, x, gamma, layer, eps=eps, z_p=z_p)  # no in-place autograd error either
+
+    # The same forward on copies; Dis_l read with a hook on the discriminator's conv number `layer`.
+    feats = {}
+    conv = [m for m in hand.discriminator.modules() if isinstance(m, nn.Conv2d)][layer - 1]
+    conv.register_forward_hook(lambda m, i, o: feats.update(out=o.flatten(1)))
+    mu, logvar = hand.encoder(x)
+    fakes = hand.decoder(torch.cat([mu + torch.exp(0.5 * logvar) * eps, z_p]))
+    logits = hand.discriminator(torch.cat([x, fakes]), layer)[0]
+    real, tilde, prior = logits.split(5)
+    err = (feats["out"][5:10] - feats["out"][:5]).pow(2)
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum() / 5
+    gan_dec = -F.logsigmoid(tilde).mean() - F.logsigmoid(prior).mean()
+    losses = {"encoder": kl + 0.5 * err.sum() / 5,                       # L_prior + L_llike
+              "decoder": gamma * err.mean() + gan_dec,                    # gamma L_llike - L_GAN
+              "discriminator": -(F.logsigmoid(real).mean() + F.logsigmoid(-tilde).mean()
+                                 + F.logsigmoid(-prior).mean())}          # -L_GAN
+    for (name, loss), net, old in zip(losses.items(), nets, before):
+        grads = torch.autograd.grad(loss, list(getattr(hand, name).parameters()), retain_graph=True)
+        for p, p0, g in zip(net.parameters(), old, grads):
+            assert torch.allclose(p.detach(), p0 - lr * g, atol=1e-6), name
+    # The test has teeth: the GAN loss does reach the encoder's weights if nothing stops it.
+    leak = torch.autograd.grad(gan_dec, list(hand.encoder.parameters()), retain_graph=True)
+    assert max(g.abs().max().item() for g in leak) > 1e-4
+
+
+def test_stepping_between_backward_passes_is_what_breaks_on_modern_pytorch():
+    torch.manual_seed(0)
+    m = vaegan.VAEGAN(latent_dim=4, width=4, channels=1, img_size=16)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    mu, logvar = m.encode(x)
+    fakes = m.decode(torch.cat([vaegan.reparameterise(mu, logvar), torch.randn(4, 4)]))
+    logits, feats = m.discriminator(torch.cat([x, fakes]))
+    t = vaegan.vaegan_loss(x, mu, logvar, fakes[:4], logits, feats, 15.0)
+    opt = torch.optim.RMSprop(m.discriminator.parameters())
+    t["loss_dis"].backward(retain_graph=True)
+    opt.step()  # the ports' order: the discriminator steps before the decoder's backward
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        t["loss_dec"].backward()
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_trains_a_few_steps_and_writes_every_file(tmp_path, size):
+    extra = ["--optim", "adam"] if size == 64 else []
+    out = run(tmp_path, "--img-size", str(size), "--max-steps", "2", "--batch-size", "8", *extra)
+    for f in ["grid_epoch_001.png", "recon_epoch_001.png", "losses.csv", "losses.png", "ckpt.pt"]:
+        assert os.path.exists(os.path.join(out, f)), f
+    side = 8 * size + 9 * 2  # 8 x 8 images with 2-pixel padding; recon: 4 input rows above 4 output rows
+    for f in ["grid_epoch_001.png", "recon_epoch_001.png"]:
+        assert Image.open(os.path.join(out, f)).size == (side, side)
+    r = rows(out)
+    assert list(r[0]) == COLUMNS
+    assert [x["step"] for x in r] == ["1", "2", "2"] and r[-1]["kl"] == "" and r[0]["test_kl"] == ""
+    assert all(0 < float(x[k]) < 1 for x in r[:2] for k in ("D(x)", "D(x_tilde)", "D(x_p)"))
+    c = ckpt(out)
+    assert c["script"] == "vaegan" and c["step"] == 2 and c["epoch"] == 1 and c["fixed_z"].shape == (64, 8)
+    assert type(c["opt_encoder"]["state"][0]["exp_avg" if extra else "square_avg"]) is torch.Tensor
+    # The held-out KL is the closed form over the test split, from the saved encoder alone.
+    m = vaegan.load_model(os.path.join(out, "ckpt.pt"))
+    with torch.no_grad():
+        mu, logvar = m.encode(data.to_float(data.load("fake", split="test", img_size=size).images))
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum() / len(mu)
+    assert float(r[-1]["test_kl"]) == pytest.approx(kl.item(), rel=1e-4)
+
+
+def test_resume_continues_step_count_optimizer_state_and_log(tmp_path):
+    out = run(tmp_path, "--max-steps", "2")
+    first = ckpt(out)
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "5", "--epochs", "3"])
+    second = ckpt(out)
+    assert second["step"] == 5 and second["epoch"] == 2
+    for name in vaegan.NETS:  # each RMSprop's step counter continued instead of restarting at 0
+        assert second["opt_" + name]["state"][0]["step"].item() == 5
+    assert torch.equal(first["fixed_z"], second["fixed_z"])
+    assert not torch.equal(first["encoder"]["fc_mu.weight"], second["encoder"]["fc_mu.weight"])
+    r = rows(out)
+    assert [int(x["step"]) for x in r if x["kl"]] == [1, 2, 3, 4, 5]
+    assert [int(x["epoch"]) for x in r if x["test_kl"]] == [1, 2]
+    assert second["args"]["width"] == 8 and second["args"]["gamma"] == 15  # restored from the checkpoint
+
+
+def test_sample_and_load_model_from_the_checkpoint_alone(tmp_path):
+    out = run(tmp_path, "--max-steps", "1", "--channels", "1", "--latent-dim", "12", "--img-size", "16")
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "5"])
+    files = sorted(os.listdir(os.path.join(out, "samples")))
+    assert files == [f"{i:06d}.png" for i in range(5)]
+    img = Image.open(os.path.join(out, "samples", files[0]))
+    assert img.size == (16, 16) and img.mode == "L"
+    m = vaegan.load_model(os.path.join(out, "ckpt.pt"))
+    assert m.latent_dim == 12 and not m.training
+    with torch.no_grad():
+        mu, logvar = m.encode(torch.rand(3, 1, 16, 16) * 2 - 1)
+        x = m.decode(mu)
+    assert mu.shape == logvar.shape == (3, 12) and x.shape == (3, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = run(tmp_path, "--max-steps", "2")
+    good = ckpt(out)
+    monkeypatch.setattr(vaegan, "bce", lambda logits, t: F.binary_cross_entropy_with_logits(
+        logits, torch.full_like(logits, t)) * float("nan"))
+    with pytest.raises(SystemExit, match="NaN"):
+        vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "4", "--epochs", "3"])
+    after = ckpt(out)
+    assert after["step"] == good["step"] == 2
+    assert torch.equal(after["decoder"]["net.0.weight"], good["decoder"]["net.0.weight"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_bce = vaegan.bce
+
+    def bce_then_interrupt(logits, t):
+        calls["n"] += 1
+        if calls["n"] == 6:  # during step 2 (5 bce terms per step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_bce(logits, t)
+    monkeypatch.setattr(vaegan, "bce", bce_then_interrupt)
+    try:
+        out = run(tmp_path, "--epochs", "2")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    c = ckpt(out)
+    assert c["step"] == 2 and c["epoch"] == 0  # the interrupted epoch runs again on resume
+    assert not any(x["test_kl"] for x in rows(out))
+
+
+def test_bad_resume_paths_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="cannot read checkpoint"):
+        vaegan.main(["--resume", str(tmp_path / "missing.pt")])
+    other = tmp_path / "other.pt"
+    torch.save({"script": "vae_conv", "args": {}}, other)
+    with pytest.raises(SystemExit, match="not written by vaegan.py"):
+        vaegan.main(["--resume", str(other)])
+    with pytest.raises(ValueError, match="not vaegan"):
+        vaegan.load_model(str(other))
+    out = run(tmp_path, "--max-steps", "1")
+    with pytest.raises(SystemExit, match="does not fit"):
+        vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--width", "16", "--epochs", "0"])
+
+
+def test_command_line_entry_point(tmp_path):
+    out = str(tmp_path / "cli")
+    r = subprocess.run([sys.executable, "vaegan.py", *SMALL, "--max-steps", "2", "--out", out, "--sample", "3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # width 8 at 32px, latent 8: convs 8-16-32 to 32 x 4 x 4, dense 512 -> 256, heads 256 -> 8;
+    # dense 8 -> 512, transposed convs 32-16-4, conv 3; convs 4-16-32-32, dense 512 -> 64 -> 1.
+    enc = 25 * (3 * 8 + 8 * 16 + 16 * 32) + 2 * (8 + 16 + 32) + 512 * 256 + 2 * 256 + 2 * (256 * 8 + 8)
+    dec = 8 * 512 + 2 * 512 + 25 * (32 * 32 + 32 * 16 + 16 * 4) + 2 * (32 + 16 + 4) + 25 * 4 * 3 + 3
+    dis = 25 * 3 * 4 + 4 + 25 * (4 * 16 + 16 * 32 + 32 * 32) + 2 * (16 + 32 + 32) + 512 * 64 + 2 * 64 + 65
+    assert (f"encoder: {enc:,} parameters   decoder: {dec:,} parameters   "
+            f"discriminator: {dis:,} parameters") in r.stdout
+    assert "test KL" in r.stdout
+    assert len(os.listdir(os.path.join(out, "samples"))) == 3
+    r = subprocess.run([sys.executable, "vaegan.py", "--data", "no-such-set", "--out", out], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
