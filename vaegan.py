@@ -1,5 +1,4 @@
-"""VAE-GAN: a variational autoencoder whose reconstruction error is measured in the features of
-a GAN discriminator.
+"""VAE-GAN: a VAE whose reconstruction error is measured in a GAN discriminator's features.
 
 Larsen, Sønderby, Larochelle & Winther, "Autoencoding beyond pixels using a learned similarity
 metric", ICML 2016, arXiv:1512.09300: the architecture of its 64x64 experiments, the three losses,
@@ -30,9 +29,10 @@ import metrics
 
 
 # -----------------------------------------------------------------------------
-# Models: the paper's 64x64 networks (its Table 1, and the authors' architectures.img64x64), all
-# 5x5 kernels. Every size uses the same layers; only the map behind the dense layers, S/8 x S/8,
-# follows --img-size (8x8 at 64, 4x4 at 32). --width scales every layer; 64 is the paper's.
+# Models: the paper's 64x64 networks (its architecture table; the authors' architectures.img64x64
+# has them too, with a 1024-unit encoder layer where the paper says 2048), all 5x5 kernels. Every
+# size has the same layers; only the map behind the dense layers, S/8 x S/8, follows --img-size
+# (8x8 at 64, 4x4 at 32). --width scales every layer; 64 is the paper's. PyTorch's default init.
 
 def _down(cin, cout):  # B x cin x s x s -> B x cout x s/2 x s/2 (BatchNorm follows: no bias)
     return [nn.Conv2d(cin, cout, 5, 2, 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
@@ -133,17 +133,20 @@ def load_model(path, device="cpu"):
 
 # -----------------------------------------------------------------------------
 # The losses (section 2 of the paper), per image and averaged over the batch:
-#   L_prior = KL(q(z|x) || N(0, I)) = -1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j))       (eq. 3)
+#   L_prior = KL(q(z|x) || N(0, I)) = -1/2 sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j))
 #   L_llike = -log N(Dis_l(x) | Dis_l(x~), I) = 1/2 sum over the N_l features of (Dis_l(x~) - Dis_l(x))^2
-#             + const, x~ = Dec(z), z ~ q(z|x): a Gaussian likelihood on discriminator features (eq. 6).
-#             We log feat_mse = mean of those squares, so L_llike = N_l / 2 * feat_mse.
-#   L_GAN   = log Dis(x) + log(1 - Dis(Dec(z))) + log(1 - Dis(Dec(z_p))),  z_p ~ N(0, I)            (eq. 7)
+#             + const, with x~ = Dec(z), z ~ q(z|x): a Gaussian likelihood on discriminator features.
+#             Dis_l: the output of the discriminator's 4th conv before its BatchNorm, as the authors'
+#             celeba_aegan.py (recon_depth=9) and lucabergamini/VAEGAN-PYTORCH. feat_mse = the mean
+#             of those squares, so L_llike = N_l / 2 * feat_mse.
+#   L_GAN   = log Dis(x) + log(1 - Dis(Dec(z))) + log(1 - Dis(Dec(z_p))),  z_p ~ N(0, I)
 # Algorithm 1: Enc <- grad(L_prior + L_llike); Dec <- grad(gamma L_llike - L_GAN); Dis <- grad(L_GAN).
-#   - Dis minimises the cross-entropy -L_GAN (bce on logits, the safe form, also under autocast).
-#   - Dec uses the non-saturating form of -L_GAN: it minimises -log Dis(x~) - log Dis(Dec(z_p)).
-#   - gamma multiplies feat_mse, the mean over features: the scale of the report's gamma = 15 (and of
-#     the PyTorch ports it follows); the paper's gamma on the summed L_llike is ours * 2 / N_l. The
-#     encoder gets the summed L_llike, the Gaussian log-likelihood that balances the KL as in a VAE.
+#   - Dis minimises the cross-entropy -L_GAN (bce on logits: the safe form, also under autocast).
+#   - Dec takes the non-saturating form of -L_GAN: it minimises -log Dis(x~) - log Dis(Dec(z_p)).
+#   - gamma multiplies feat_mse, the mean over features: the scale of the report's gamma = 15 (the
+#     PyTorch ports it ran use ((Dis_l(x~) - Dis_l(x))^2).mean()); the paper's gamma on the summed
+#     L_llike is ours * 2 / N_l. The encoder gets the summed L_llike, the Gaussian log-likelihood
+#     that balances its KL as in a VAE (and as the authors' code, sum over features and images).
 
 def reparameterise(mu, logvar, eps=None):
     eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype) if eps is None else eps
@@ -197,6 +200,8 @@ def train_step(nets, opts, x, gamma, dis_layer, autocast=nullcontext, world=1, e
     inplace operation"): the later backward needs the weights the step has just changed."""
     enc, dec, dis = nets
     b = x.shape[0]
+    # One decoder call on [z, z_p] and one discriminator call on [x, x~, x_p]: BatchNorm sees the
+    # joint batch, as in the authors' GAN pass, and f(x), f(x~) come from the same call.
     with autocast():
         mu, logvar = enc(x)                                        # B x latent each
         z = reparameterise(mu, logvar, eps)
@@ -235,9 +240,11 @@ def get_args(argv=None):
     p.add_argument("--optim", default="rmsprop", choices=["rmsprop", "adam"], help="rmsprop: the paper; adam: betas (0.5, 0.999)")
     p.add_argument("--latent-dim", type=int, default=128, help="size of z")
     p.add_argument("--width", type=int, default=64, help="channels of the first encoder conv; every layer scales with it")
-    p.add_argument("--gamma", type=float, default=15.0, help="weight of the feature error against the GAN loss in the decoder update")
+    p.add_argument("--gamma", type=float, default=15.0, help="decoder update: weight of feat_mse (the mean squared Dis_l error) against the GAN loss; "
+                   "15 is the report's best, it also tried 1.5")
     p.add_argument("--dis-layer", type=int, default=4, choices=[1, 2, 3, 4],
-                   help="Dis_l: the discriminator conv (counted from the input) whose output, before BatchNorm, measures reconstructions")
+                   help="Dis_l: the discriminator conv (counted from the input) whose output, before its BatchNorm, "
+                   "measures reconstructions; 4 as the authors' code (the last, 3rd strided conv)")
     p.add_argument("--out", default=None, help="output folder; default runs/vaegan-<data>")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")

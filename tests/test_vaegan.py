@@ -3,6 +3,7 @@ routing of Algorithm 1 against autograd on copies, and the script through its re
 import copy
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,19 @@ def run(tmp_path, *extra):
     out = str(tmp_path / "run")
     vaegan.main(SMALL + ["--out", out, *extra])
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step run on 16x16 grey fake images, latent 12, shared by the tests that start from a checkpoint."""
+    out = str(tmp_path_factory.mktemp("trained") / "run")
+    vaegan.main(SMALL + ["--out", out, "--max-steps", "2", "--channels", "1", "--img-size", "16", "--latent-dim", "12"])
+    return out
+
+
+def copy_of(trained, tmp_path):
+    """A private copy of the shared run; resume it with --out (the checkpoint's own --out is the original)."""
+    return shutil.copytree(trained, str(tmp_path / "run"))
 
 
 def ckpt(out):
@@ -165,10 +179,10 @@ def test_trains_a_few_steps_and_writes_every_file(tmp_path, size):
     assert float(r[-1]["test_kl"]) == pytest.approx(kl.item(), rel=1e-4)
 
 
-def test_resume_continues_step_count_optimizer_state_and_log(tmp_path):
-    out = run(tmp_path, "--max-steps", "2")
+def test_resume_continues_step_count_optimizer_state_and_log(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
     first = ckpt(out)
-    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "5", "--epochs", "3"])
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--out", out, "--max-steps", "5", "--epochs", "3"])
     second = ckpt(out)
     assert second["step"] == 5 and second["epoch"] == 2
     for name in vaegan.NETS:  # each RMSprop's step counter continued instead of restarting at 0
@@ -178,12 +192,13 @@ def test_resume_continues_step_count_optimizer_state_and_log(tmp_path):
     r = rows(out)
     assert [int(x["step"]) for x in r if x["kl"]] == [1, 2, 3, 4, 5]
     assert [int(x["epoch"]) for x in r if x["test_kl"]] == [1, 2]
-    assert second["args"]["width"] == 8 and second["args"]["gamma"] == 15  # restored from the checkpoint
+    # Flags not given again came from the checkpoint.
+    assert (second["args"]["width"], second["args"]["img_size"], second["args"]["gamma"]) == (8, 16, 15)
 
 
-def test_sample_and_load_model_from_the_checkpoint_alone(tmp_path):
-    out = run(tmp_path, "--max-steps", "1", "--channels", "1", "--latent-dim", "12", "--img-size", "16")
-    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "5"])
+def test_sample_and_load_model_from_the_checkpoint_alone(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--out", out, "--epochs", "0", "--sample", "5"])
     files = sorted(os.listdir(os.path.join(out, "samples")))
     assert files == [f"{i:06d}.png" for i in range(5)]
     img = Image.open(os.path.join(out, "samples", files[0]))
@@ -196,13 +211,13 @@ def test_sample_and_load_model_from_the_checkpoint_alone(tmp_path):
     assert mu.shape == logvar.shape == (3, 12) and x.shape == (3, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    out = run(tmp_path, "--max-steps", "2")
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch):
+    out = copy_of(trained, tmp_path)
     good = ckpt(out)
     monkeypatch.setattr(vaegan, "bce", lambda logits, t: F.binary_cross_entropy_with_logits(
         logits, torch.full_like(logits, t)) * float("nan"))
     with pytest.raises(SystemExit, match="NaN"):
-        vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "4", "--epochs", "3"])
+        vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--out", out, "--max-steps", "4", "--epochs", "3"])
     after = ckpt(out)
     assert after["step"] == good["step"] == 2
     assert torch.equal(after["decoder"]["net.0.weight"], good["decoder"]["net.0.weight"])
@@ -227,7 +242,7 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
     assert not any(x["test_kl"] for x in rows(out))
 
 
-def test_bad_resume_paths_are_refused(tmp_path):
+def test_bad_resume_paths_are_refused(trained, tmp_path):
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         vaegan.main(["--resume", str(tmp_path / "missing.pt")])
     other = tmp_path / "other.pt"
@@ -236,9 +251,8 @@ def test_bad_resume_paths_are_refused(tmp_path):
         vaegan.main(["--resume", str(other)])
     with pytest.raises(ValueError, match="not vaegan"):
         vaegan.load_model(str(other))
-    out = run(tmp_path, "--max-steps", "1")
     with pytest.raises(SystemExit, match="does not fit"):
-        vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--width", "16", "--epochs", "0"])
+        vaegan.main(["--resume", os.path.join(trained, "ckpt.pt"), "--width", "16", "--epochs", "0"])
 
 
 def test_command_line_entry_point(tmp_path):
