@@ -30,7 +30,7 @@ MODELS = {
     "mlp_gan": ["mlp_gan.py"],
     "mlp_vae": ["mlp_vae.py"],
     "vae_conv": ["vae_conv.py", "--img-size", "32", "--recon", "bce"],
-    "vaegan": ["vaegan.py", "--img-size", "32"],
+    "vaegan": ["vaegan.py", "--img-size", "32", "--width", "32"],  # half the paper's width: CPU budget
 }
 # Loss columns shown in the table, per script (the last logged row).
 LOSSES = {"dcgan": ["loss_d", "loss_g"], "mlp_gan": ["loss_d", "loss_g"], "mlp_vae": ["recon", "kl"],
@@ -65,7 +65,7 @@ def main():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-root", default="data", help="holds MNIST/raw (torchvision layout)")
     p.add_argument("--out", default="runs/mnist-comparison", help="one sub-folder per model")
-    p.add_argument("--epochs", default="dcgan=2,mlp_gan=20,mlp_vae=20,vae_conv=4,vaegan=1",
+    p.add_argument("--epochs", default="dcgan=3,mlp_gan=20,mlp_vae=20,vae_conv=3,vaegan=1",
                    help="epochs per model, name=N pairs")
     p.add_argument("--models", default=",".join(MODELS), help="which models to run")
     p.add_argument("--sample", type=int, default=10000, help="samples per model for the Laplacian variance")
