@@ -546,12 +546,14 @@ def _nice_ticks(lo, hi, count=5):
 
 
 def _group_panels(series):
-    """-> [(title, names)]: columns named D(...) share a probability panel; the others share loss
-    panels of similar magnitude (a new panel where a median |value| is 30x the panel's smallest)."""
+    """-> [(title, names)]: columns named D(...) share a probability panel, throughput (..._per_s)
+    gets its own; the others share loss panels of similar magnitude (a new panel where a median
+    |value| is 30x the panel's smallest)."""
     probs = [k for k in series if k.startswith("D(")]
+    rates = [k for k in series if k.endswith("per_s")]
     scale = {k: float(np.median(np.abs([v for _, v in series[k]]))) + 1e-12 for k in series}
     groups, base = [], None
-    for k in sorted((k for k in series if k not in probs), key=scale.get):
+    for k in sorted((k for k in series if k not in probs + rates), key=scale.get):
         if not groups or scale[k] > 30 * base:
             groups.append([])
             base = scale[k]
@@ -560,6 +562,8 @@ def _group_panels(series):
     panels = [(", ".join(g) if len(g) <= 4 else "losses", g) for g in groups]
     if probs:
         panels.append(("discriminator outputs (probability)", probs))
+    if rates:
+        panels.append(("training speed (images/s)", rates))
     return panels or [("no data yet", [])]
 
 
