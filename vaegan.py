@@ -313,6 +313,9 @@ def main(argv=None):
             sys.exit(f"error: {args.resume} was not written by vaegan.py "
                      f"(script: {ckpt.get('script') if isinstance(ckpt, dict) else '?'}); use that script to resume it")
         restore_args(p, args, ckpt)
+    if ddp and args.sync_bn and device.type != "cuda":  # else SyncBatchNorm raises from inside PyTorch
+        sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
+                 "drop --sync-bn to keep BatchNorm per rank")
     args.amp = device.type == "cuda" if args.amp is None else args.amp
     args.img_size = args.img_size or (64 if args.data == "celeba" else 32)
     args.out = args.out or os.path.join("runs", f"vaegan-{os.path.basename(os.path.normpath(args.data))}")
