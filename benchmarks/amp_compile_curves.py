@@ -7,7 +7,7 @@ the loss curves, and prints a table (also written as summary.md) to --out.
 
 Each run is the script's own main() on `--data mnist` in a fresh process, seed 0 unless said:
 
-  base, seed1, seed2   the defaults of the device (seeds 0, 1, 2): the yardstick
+  base, seed1 ...      the defaults of the device, seeds 0 .. --seeds-1: the yardstick
   amp                  --amp: bfloat16 autocast (on by default on CUDA; there, `base` is --no-amp)
   channels-last        networks and batches in channels-last memory format (the CUDA default)
   plain-optim          Adam/RMSprop as the for-loop implementation (foreach=False, fused=False)
@@ -19,13 +19,14 @@ channels-last and fused-optim rows repeat it; the script is meant for amp and co
 
 The device-side NaN flag changes no number (it only moves the host check to log steps), so it
 has no run. For every logged loss the table gives the mean over the second half of the run,
-and for each option its distance from the mean of the three seeds in units of their standard
+and for each option its distance from the mean of the seeds in units of their standard
 deviation (|z|): a value within the seeds' own scatter (|z| below about 3) is "unchanged".
+A GAN's trajectory is chaotic: any rounding change (channels-last alone) moves it as far as a
+new seed does, so the yardstick needs several seeds.
 """
 import argparse
 import csv
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -38,10 +39,18 @@ sys.path.insert(0, str(REPO))
 MODELS = ["dcgan", "mlp_gan", "vae_conv", "mlp_vae", "vaegan"]
 CONV = {"dcgan", "vae_conv", "vaegan"}  # the models channels-last applies to
 OPTIONS = ["amp", "channels-last", "plain-optim", "fused-optim", "compile"]
-SEEDS = {"base": 0, "seed1": 1, "seed2": 2}
+EXTRA = {"vaegan": ["--width", "16"]}  # a quarter of the paper's width: CPU time (--full-width to drop it)
 NOT_LOSSES = {"step", "epoch", "img_per_s", "loss_d_real", "loss_d_fake"}
-COLOURS = [(0, 0, 0), (110, 110, 110), (170, 170, 170), (214, 39, 40), (31, 119, 180), (44, 160, 44),
-           (255, 127, 14), (148, 103, 189)]
+OPTION_COLOURS = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
+
+
+def colour(config):
+    """base black, other seeds grey, each option its own colour."""
+    if config == "base":
+        return (0, 0, 0)
+    if config.startswith("seed"):
+        return (175, 175, 175)
+    return OPTION_COLOURS[OPTIONS.index(config) % len(OPTION_COLOURS)]
 
 
 def child(spec):
@@ -114,10 +123,12 @@ def plot(path, title, curves, steps):
         for k, s in series.items():
             pts = [(x0 + pad + (w - pad - 10) * j / max(1, len(s) - 1), y0 + (h - 20) * (hi - v) / (hi - lo))
                    for j, v in enumerate(s)]
-            d.line(pts, fill=COLOURS[configs.index(k) % len(COLOURS)], width=2 if k == "base" else 1)
+            d.line(pts, fill=colour(k), width=1 if k.startswith("seed") else 2)
+    legend = [k for k in configs if not k.startswith("seed")]
+    legend.insert(1, "seed1 ... (grey)")
     y = img.height - 16 * len(configs) - 8
-    for j, k in enumerate(configs):
-        d.line([(10, y + 16 * j + 6), (40, y + 16 * j + 6)], fill=COLOURS[j % len(COLOURS)], width=3)
+    for j, k in enumerate(legend):
+        d.line([(10, y + 16 * j + 6), (40, y + 16 * j + 6)], fill=colour(k.split()[0]), width=3)
         d.text((48, y + 16 * j), k, fill="black")
     img.save(path)
 
@@ -130,31 +141,35 @@ def main(argv=None):
     p.add_argument("--data-root", default="data", help="holds MNIST/raw (the cache is written under it)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    p.add_argument("--seeds", type=int, default=5, help="runs of the defaults, seeds 0, 1, ...")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--out", default="/tmp/amp_curves")
+    p.add_argument("--full-width", action="store_true", help="every model at its default width")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
 
     out = pathlib.Path(args.out)
+    seeds = {"base": 0, **{f"seed{i}": i for i in range(1, args.seeds)}}
     cuda = args.device.startswith("cuda")
     table = [f"# Speed options on real MNIST ({args.steps} steps, batch {args.batch_size}, device {args.device})", "",
-             "| model | loss | seeds 0/1/2 (mean of 2nd half) | " + " | ".join(f"{o} (z)" for o in args.options.split(",")) + " |",
+             f"| model | loss | seeds 0-{args.seeds - 1}: mean (sd) of the 2nd-half means | " + " | ".join(f"{o} (z)" for o in args.options.split(",")) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in args.options.split(",")) + " |"]
     for model in args.models.split(","):
-        configs = list(SEEDS) + [o for o in args.options.split(",") if o != "channels-last" or model in CONV]
+        configs = list(seeds) + [o for o in args.options.split(",") if o != "channels-last" or model in CONV]
         curves, steps = {}, None
         for cfg in configs:
             run = out / "runs" / f"{model}-{cfg}"
             argv_ = ["--data", "mnist", "--data-root", args.data_root, "--device", args.device, "--out", str(run),
                      "--max-steps", str(args.steps), "--epochs", "1", "--batch-size", str(args.batch_size),
-                     "--log-every", str(args.log_every), "--seed", str(SEEDS.get(cfg, 0))]
+                     "--log-every", str(args.log_every), "--seed", str(seeds.get(cfg, 0))]
             argv_ += ["--amp"] if cfg == "amp" else (["--no-amp"] if cuda else [])  # base: float32 everywhere
             argv_ += ["--compile"] if cfg == "compile" else []
+            argv_ += [] if args.full_width else EXTRA.get(model, [])
             t0 = time.time()
-            if not (run / "losses.csv").is_file():
+            if not (run / "ckpt.pt").is_file():  # written when a run ends: finished runs are kept
                 spec = {"model": model, "option": cfg, "argv": argv_}
                 r = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], cwd=REPO,
                                    capture_output=True, text=True)
@@ -167,14 +182,14 @@ def main(argv=None):
             curves[cfg] = dict(zip(cols, values))
             steps = steps or steps_
             print(f"{model} {cfg}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-        if not all(s in curves for s in SEEDS):
+        if not all(s in curves for s in seeds):
             continue
         plot(out / f"{model}.png", f"{model}.py on MNIST: {args.steps} steps, batch {args.batch_size}, {args.device}",
              curves, steps)
         for col in curves["base"]:
             half = lambda v: statistics.fmean(v[len(v) // 2:])  # noqa: E731
-            seeds = [half(curves[s][col]) for s in SEEDS]
-            mu, sd = statistics.fmean(seeds), statistics.stdev(seeds)
+            by_seed = [half(curves[s][col]) for s in seeds]
+            mu, sd = statistics.fmean(by_seed), statistics.stdev(by_seed)
             cells = []
             for o in args.options.split(","):
                 if o in curves and col in curves[o]:
@@ -182,7 +197,7 @@ def main(argv=None):
                     cells.append(f"{v:.3f} ({abs(v - mu) / sd:.1f})" if sd > 0 else f"{v:.3f}")
                 else:
                     cells.append("-")
-            table.append(f"| {model} | {col} | {' / '.join(f'{s:.3f}' for s in seeds)} | " + " | ".join(cells) + " |")
+            table.append(f"| {model} | {col} | {mu:.3f} ({sd:.3f}) | " + " | ".join(cells) + " |")
     text = "\n".join(table) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)

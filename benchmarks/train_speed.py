@@ -33,6 +33,7 @@ import pathlib
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -334,6 +335,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps; default 30 on CUDA, 3 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps; default 200 on CUDA, 10 on CPU")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes of the conventional pipelines")
+    p.add_argument("--repeat", type=int, default=1, help="measure each pipeline this many times, interleaved; "
+                   "the table gives the median (for a busy machine)")
     p.add_argument("--compile", action="store_true", help="also time each script with --compile")
     p.add_argument("--no-conventional", action="store_true", help="time only the scripts")
     p.add_argument("--examples", default=None, help="path to pytorch/examples' dcgan/main.py: time it too")
@@ -376,21 +379,25 @@ def main(argv=None):
     kinds = ["ours"] + (["compiled"] if args.compile else []) + ([] if args.no_conventional else ["conventional"])
     results = []
     for m in models:
-        for kind in kinds:
-            print(f"{m} {kind} ...", file=sys.stderr, flush=True)
-            r = run_child(dict(base, model=m, kind=kind), work / "logs" / f"{m}-{kind}.log")
-            print(f"  {r.get('img_per_s', 0):,.1f} img/s" if "error" not in r else f"  {r['error']}", file=sys.stderr)
-            results.append(r)
-        if m == "dcgan" and args.examples:
-            print("pytorch/examples dcgan ...", file=sys.stderr, flush=True)
-            batch = args.batch_size or 128
-            try:
-                r = examples_dcgan(args.examples, folder, batch, warmup, steps, device, args.workers,
-                                   work / "logs" / "examples-dcgan.log")
-            except RuntimeError as e:
-                r = {"model": "dcgan", "kind": "examples", "error": str(e)}
-            print(f"  {r.get('img_per_s', 0):,.1f} img/s", file=sys.stderr)
-            results.append(r)
+        for rep in range(args.repeat):  # interleaved, so that a change of load hits every pipeline
+            for kind in kinds:
+                print(f"{m} {kind} ...", file=sys.stderr, flush=True)
+                r = run_child(dict(base, model=m, kind=kind), work / "logs" / f"{m}-{kind}.log")
+                r["load"] = os.getloadavg()[0]
+                print(f"  {r.get('img_per_s', 0):,.1f} img/s (load {r['load']:.2f})" if "error" not in r
+                      else f"  {r['error']}", file=sys.stderr)
+                results.append(r)
+            if m == "dcgan" and args.examples:
+                print("pytorch/examples dcgan ...", file=sys.stderr, flush=True)
+                batch = args.batch_size or 128
+                try:
+                    r = examples_dcgan(args.examples, folder, batch, warmup, steps, device, args.workers,
+                                       work / "logs" / "examples-dcgan.log")
+                except RuntimeError as e:
+                    r = {"model": "dcgan", "kind": "examples", "error": str(e)}
+                r["load"] = os.getloadavg()[0]
+                print(f"  {r.get('img_per_s', 0):,.1f} img/s (load {r['load']:.2f})", file=sys.stderr)
+                results.append(r)
     fid = None
     if fid_images:
         print(f"FID features of {fid_images} images ...", file=sys.stderr, flush=True)
@@ -399,19 +406,22 @@ def main(argv=None):
     info["load_after"] = os.getloadavg()
 
     # The table: one row per model, images/s per pipeline and the ratios.
-    def rate(m, kind):
-        return next((r.get("img_per_s") for r in results if r.get("model") == m and r["kind"] == kind), None)
+    def rate(m, kind):  # the median of the repeats
+        rates = [r["img_per_s"] for r in results if r.get("model") == m and r["kind"] == kind and "img_per_s" in r]
+        return statistics.median(rates) if rates else None
     cols = kinds + (["examples"] if args.examples else [])
     head = f"{'model':<9} {'size':>4} {'batch':>5} " + " ".join(f"{k:>13}" for k in cols) + \
         ("   ours/conv" if "conventional" in kinds else "") + ("   ours/examples" if args.examples else "")
     print(f"\ntraining images/s on {info.get('gpu', info['cpu'])} ({info['cores']} CPU cores), torch {info['torch']}; "
-          f"{warmup} warm-up + {steps} timed steps; conventional: ImageFolder + DataLoader({args.workers} workers)")
+          f"{warmup} warm-up + {steps} timed steps{f', median of {args.repeat}' if args.repeat > 1 else ''}; "
+          f"conventional: ImageFolder + DataLoader({args.workers} workers)")
     print(head)
     for m in models:
         r = next((r for r in results if r.get("model") == m and "img_size" in r), {})
         cells = [rate(m, k) for k in cols]
         line = f"{m:<9} {r.get('img_size', '?'):>4} {r.get('batch', '?'):>5} " + \
-            " ".join(f"{c:>13,.1f}" if c else f"{'error':>13}" for c in cells)
+            " ".join(f"{c:>13,.1f}" if c else f"{'-' if k == 'examples' and m != 'dcgan' else 'error':>13}"
+                     for k, c in zip(cols, cells))
         if "conventional" in kinds and rate(m, "ours") and rate(m, "conventional"):
             line += f"   {rate(m, 'ours') / rate(m, 'conventional'):>9.2f}x"
         if args.examples and m == "dcgan" and rate(m, "ours") and rate(m, "examples"):
@@ -425,7 +435,8 @@ def main(argv=None):
     elif fid:
         print(f"\nFID: {fid['error']}")
     print(f"load average (1, 5, 15 min): before {info['load_before'][0]:.2f}, after {info['load_after'][0]:.2f}")
-    out = {"machine": info, "settings": {k: base[k] for k in ("images", "warmup", "steps", "workers", "device")},
+    out = {"machine": info, "settings": dict({k: base[k] for k in ("images", "warmup", "steps", "workers", "device")},
+                                             repeat=args.repeat),
            "command": " ".join([os.path.basename(sys.executable), "benchmarks/train_speed.py"] + (argv or sys.argv[1:])),
            "results": results, "fid": fid}
     print(json.dumps(out, indent=1))

@@ -2,7 +2,6 @@
 synchronisation inside a training step, float32 by default on the CPU, and --amp (bfloat16
 autocast) giving a loss close to float32's on the same first batch."""
 import csv
-import os
 import pathlib
 import sys
 
