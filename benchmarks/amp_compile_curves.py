@@ -74,7 +74,7 @@ def child(spec):
     if option in ("plain-optim", "fused-optim"):
         for name in ("Adam", "RMSprop"):
             real = getattr(torch.optim, name)
-            impl = {"foreach": False, "fused": name == "Adam" and option == "fused-optim"}
+            impl = {"foreach": False, **({"fused": option == "fused-optim"} if name == "Adam" else {})}
 
             def make(real=real, impl=impl):
                 class Optim(real):
@@ -104,9 +104,11 @@ def plot(path, title, curves, steps):
     """curves: {config: {column: values}}: one panel per column, moving averages of 5 points."""
     from PIL import Image, ImageDraw
     configs = list(curves)
+    legend = [k for k in configs if not k.startswith("seed")]
+    legend.insert(1, "seed1 ... (grey)")
     cols = list(next(iter(curves.values())))
     w, h, pad = 520, 220, 40
-    img = Image.new("RGB", (w * min(2, len(cols)), (h + 10) * ((len(cols) + 1) // 2) + 40 + 16 * len(configs)), "white")
+    img = Image.new("RGB", (w * min(2, len(cols)), (h + 10) * ((len(cols) + 1) // 2) + 40 + 16 * len(legend)), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 5), title, fill="black")
     for i, c in enumerate(cols):
@@ -120,13 +122,11 @@ def plot(path, title, curves, steps):
         d.text((x0 + 2, y0), f"{hi:.3g}", fill="black")
         d.text((x0 + 2, y0 + h - 32), f"{lo:.3g}", fill="black")
         d.text((x0 + w - 60, y0 + h - 18), f"step {steps[-1]}", fill="black")
-        for k, s in series.items():
+        for k, s in sorted(series.items(), key=lambda kv: kv[0] == "base"):  # base drawn last, on top
             pts = [(x0 + pad + (w - pad - 10) * j / max(1, len(s) - 1), y0 + (h - 20) * (hi - v) / (hi - lo))
                    for j, v in enumerate(s)]
             d.line(pts, fill=colour(k), width=1 if k.startswith("seed") else 2)
-    legend = [k for k in configs if not k.startswith("seed")]
-    legend.insert(1, "seed1 ... (grey)")
-    y = img.height - 16 * len(configs) - 8
+    y = img.height - 16 * len(legend) - 8
     for j, k in enumerate(legend):
         d.line([(10, y + 16 * j + 6), (40, y + 16 * j + 6)], fill=colour(k.split()[0]), width=3)
         d.text((48, y + 16 * j), k, fill="black")
@@ -152,13 +152,17 @@ def main(argv=None):
         return child(json.loads(args.child))
 
     out = pathlib.Path(args.out)
+    options = [o for o in args.options.split(",") if o]
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        p.error(f"unknown options: {', '.join(sorted(unknown))}")
     seeds = {"base": 0, **{f"seed{i}": i for i in range(1, args.seeds)}}
     cuda = args.device.startswith("cuda")
     table = [f"# Speed options on real MNIST ({args.steps} steps, batch {args.batch_size}, device {args.device})", "",
-             f"| model | loss | seeds 0-{args.seeds - 1}: mean (sd) of the 2nd-half means | " + " | ".join(f"{o} (z)" for o in args.options.split(",")) + " |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in args.options.split(",")) + " |"]
+             f"| model | loss | seeds 0-{args.seeds - 1}: mean (sd) of the 2nd-half means | " + " | ".join(f"{o} (z)" for o in options) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in options) + " |"]
     for model in args.models.split(","):
-        configs = list(seeds) + [o for o in args.options.split(",") if o != "channels-last" or model in CONV]
+        configs = list(seeds) + [o for o in options if o != "channels-last" or model in CONV]
         curves, steps = {}, None
         for cfg in configs:
             run = out / "runs" / f"{model}-{cfg}"
@@ -191,7 +195,7 @@ def main(argv=None):
             by_seed = [half(curves[s][col]) for s in seeds]
             mu, sd = statistics.fmean(by_seed), statistics.stdev(by_seed)
             cells = []
-            for o in args.options.split(","):
+            for o in options:
                 if o in curves and col in curves[o]:
                     v = half(curves[o][col])
                     cells.append(f"{v:.3f} ({abs(v - mu) / sd:.1f})" if sd > 0 else f"{v:.3f}")
