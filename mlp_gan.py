@@ -118,7 +118,7 @@ def get_args(argv=None):
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
-RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "max_steps"}
+RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps"}
 
 
 def restore_args(p, args, ckpt):
