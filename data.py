@@ -15,14 +15,17 @@ face crop), the shorter side resized to img_size with antialiased bilinear (torc
 on PIL images), center-cropped to img_size x img_size. The first load of a dataset, split and
 size decodes all images once, in worker processes, into <root>/cache/<name>-...-<hash>.npy (+ .npz:
 labels, attributes, names); later loads memory-map it. The hash covers the settings and every
-source file's path, size and mtime, so a changed folder is decoded again (old caches stay until
-you delete <root>/cache). Progress and warnings go to stderr; expected failures raise DataError.
+source file's path, size, mtime and ctime, so a changed folder is decoded again, and so is one
+whose unreadable files were made readable (chmod and chown change the ctime); old caches stay until
+you delete <root>/cache. Progress and warnings go to stderr; expected failures raise DataError.
 """
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
+import shutil
+import socket
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +38,7 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "celeba", "fake")
 DEFAULT_IMG_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "celeba": 64, "fake": 32}
 FOLDER_IMG_SIZE = 64
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+DOWNLOAD_TIMEOUT_S = 15  # socket timeout of the downloads (as in metrics.py): a silent server fails fast
 
 
 class DataError(Exception):
@@ -181,12 +185,18 @@ def _reason(e):
 def _torchvision_source(name, root, split, download):
     import torchvision.datasets
     cls, folder, what = TORCHVISION[name]
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)   # torchvision's urllib downloads have no timeout of their own
     try:
         ds = getattr(torchvision.datasets, cls)(root, train=split == "train", download=download)
     except Exception as e:  # a downloader or a missing file: never a traceback
         why = _reason(e) if download else "download=False"
+        if isinstance(e, TimeoutError):
+            why = f"no answer within {DOWNLOAD_TIMEOUT_S} s"
         raise DataError(f"{name} is not in {root / folder} and could not be downloaded ({why}); "
                         f"put {what} in {root / folder}") from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
     items = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
     files = sorted(p for p in (root / folder).iterdir() if p.is_file())
     return _Source(name, files, items, 1 if items.ndim == 3 else 3,
@@ -243,9 +253,12 @@ def _celeba_source(root, split, download):
     if found is None and download:
         import torchvision.datasets
         try:
+            import gdown  # noqa: F401  (torchvision downloads CelebA from Google Drive with it)
             torchvision.datasets.CelebA(root, split="all", download=True)
-        except Exception as e:  # Google Drive quota, no network, ...
+        except Exception as e:  # Google Drive quota, no network, no gdown, ...
             failed = f" (torchvision's download failed: {_reason(e)})"
+            if isinstance(e, ImportError) and e.name == "gdown":  # (torchvision's "pip install" is no help offline)
+                failed = " (torchvision downloads it with the gdown package, which is not installed)"
         found = _find_celeba(root)
     if found is None:
         raise DataError(f"CelebA is not in {root / 'celeba'}{failed}: put {CELEBA_FILES} there")
@@ -352,12 +365,14 @@ CACHE_VERSION = 1
 
 
 def _cache_key(source, split, size, crop, channels):
-    """Hash of everything the cached array depends on: settings and each file's path, size, mtime."""
+    """Hash of everything the cached array depends on: settings and each file's path, size, mtime
+    and ctime. The ctime changes with chmod and chown too: a file skipped as unreadable when the
+    cache was built, and made readable since, gives another key."""
     h = hashlib.sha256(repr((CACHE_VERSION, source.name, split, size, crop, channels)).encode())
     for f in source.files:
         try:
             st = os.stat(f)
-            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}\n".encode())
         except OSError:
             h.update(f"{f}|missing\n".encode())
     return h.hexdigest()[:16]
@@ -365,16 +380,18 @@ def _cache_key(source, split, size, crop, channels):
 
 def _build(source, path, size, crop, channels, workers, verbose):
     """Decode source into path (.npy images) and path.npz (labels, attrs, names as json), each
-    written to a temporary file and renamed into place."""
+    written to a temporary file and renamed into place; no temporary file outlives a failure."""
     n, t0 = len(source.items), time.time()
     tmp, part, meta = (path.with_name(f"{path.name}.{os.getpid()}.{ext}") for ext in ("tmp", "part", "meta"))
+    need = n * (channels * size * size + 64) + 2 ** 26      # images, labels and attributes, 64 MiB to spare
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if free < need:  # the memory map is a sparse file: a full disk would end in a bus error
+            raise DataError(f"the image cache of {source.name} needs {need / 1e9:.2f} GB but only "
+                            f"{free / 1e9:.2f} GB is free in {path.parent}; free some space or use "
+                            f"--data-root on another disk")
         out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, channels, size, size))
-    except OSError as e:
-        raise DataError(f"cannot write the image cache in {path.parent} ({_reason(e)}); "
-                        f"use another --data-root") from None
-    try:
         kept = _decode(source, out, size, crop, channels, workers, verbose)
         out.flush()
         if len(kept) < n:                                  # drop the rows of unreadable files
@@ -388,6 +405,9 @@ def _build(source, path, size, crop, channels, workers, verbose):
             np.savez(f, names=np.array(names), **arrays)
         os.replace(meta, path.with_suffix(".npz"))
         os.replace(tmp, path)
+    except OSError as e:  # a read-only folder, no space left after all, a quota, a disk error
+        raise DataError(f"cannot write the image cache in {path.parent} ({_reason(e)}); "
+                        f"use another --data-root or free some space") from None
     finally:
         for leftover in (tmp, part, meta):
             leftover.unlink(missing_ok=True)
@@ -414,6 +434,10 @@ def load(name_or_folder, root="data", split="train", img_size=None, channels=Non
         raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3, not {channels}")
+    if img_size is not None and img_size < 1:
+        raise DataError(f"img_size must be at least 1 pixel, not {img_size}")
+    if crop is not None and crop < 0:
+        raise DataError(f"crop must be 0 (no crop) or more pixels, not {crop}")
     if name == "fake":
         return fake(split, img_size or DEFAULT_IMG_SIZE["fake"], channels or 3)
     if name in TORCHVISION:
@@ -439,13 +463,17 @@ def load(name_or_folder, root="data", split="train", img_size=None, channels=Non
 class Loader:
     """Shuffled float batches in [-1, 1] on the device; seeded, optionally sharded by rank.
 
-    The uint8 images live on the device when they fit (CUDA: under half the free memory), else in
-    pinned host memory, gathered into two pinned buffers that are copied without blocking."""
+    The uint8 images live on the device when they fit (CUDA: under half the free memory), else they
+    stay where they are (host memory, the cache's memory map) and each batch is gathered into one of
+    two pinned buffers, copied to the device without blocking."""
 
     def __init__(self, images, batch_size, device, seed=0, flip=False, rank=0, world_size=1,
                  channels_last=False):
         images = getattr(images, "images", images)                # an ImageSet works too
         self.device = torch.device(device)
+        if batch_size % world_size:
+            raise DataError(f"--batch-size {batch_size} is not divisible by the {world_size} ranks; "
+                            f"use a multiple of {world_size}")
         self.batch, self.per_rank = batch_size // world_size, len(images) // world_size
         if self.batch < 1 or self.per_rank < self.batch:
             raise DataError(f"{len(images)} images over {world_size} rank(s) are fewer than one batch "
@@ -456,8 +484,8 @@ class Loader:
             images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 2
         if self.on_device:
             self.images = images.to(self.device, copy=True)       # on CPU: out of the memory map
-        else:
-            self.images = images.pin_memory()
+        else:                                                     # pin two batches, not the dataset
+            self.images = images
             self.buffers = [torch.empty((self.batch, *images.shape[1:]), dtype=torch.uint8).pin_memory()
                             for _ in range(2)]
             self.copied = [torch.cuda.Event() for _ in range(2)]
@@ -472,21 +500,26 @@ class Loader:
         buf, copied = self.buffers[i % 2], self.copied[i % 2]
         copied.synchronize()                                      # its last copy has finished
         torch.index_select(self.images, 0, idx, out=buf)
-        x = buf.to(self.device, non_blocking=True)
-        copied.record()
+        stream = torch.cuda.current_stream(self.device)          # self.device's, whichever device is current
+        with torch.cuda.stream(stream):
+            x = buf.to(self.device, non_blocking=True)
+        copied.record(stream)
         return x
 
-    def epoch(self, epoch=0):
+    def epoch(self, epoch=0, start=0):
         """The batches of one epoch: the permutation of seed + epoch, this rank's shard of it.
         With flip, each image is mirrored with probability 1/2; the mirrored ones are put first in
-        their batch, so that one in-place slice flip on the device does them all."""
+        their batch, so that one in-place slice flip on the device does them all. start: resume
+        part-way, yielding batches start, start + 1, ... of the same epoch."""
+        if not 0 <= start <= len(self):
+            raise DataError(f"cannot start epoch {epoch} at batch {start}: it has {len(self)} batches")
         g = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(len(self.images), generator=g)
         batches = perm[self.rank * self.per_rank:][:len(self) * self.batch].view(len(self), self.batch)
         flips = torch.rand(batches.shape, generator=g) < 0.5 if self.flip else torch.zeros_like(batches, dtype=torch.bool)
         order = flips.int().sort(dim=1, descending=True, stable=True).indices
         batches, n_flip = batches.gather(1, order).to(self.images.device), flips.sum(1).tolist()
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             x = self._gather(i, batches[i])
             if n_flip[i]:
                 x[:n_flip[i]] = x[:n_flip[i]].flip(3)

@@ -1,4 +1,15 @@
 """data.py through its public functions: sources, preprocessing, bad input, the cache, Loader."""
+import contextlib
+import errno
+import os
+import re
+import socket
+import stat
+import sys
+import threading
+import time
+import types
+import urllib.request
 import warnings
 
 import numpy as np
@@ -137,6 +148,18 @@ def test_corrupt_files_are_skipped_with_a_count(corrupt_folder, tmp_path, capsys
         load(corrupt_folder, tmp_path)
 
 
+@pytest.mark.parametrize("kw, message", [(dict(img_size=-1), "img_size must be at least 1 pixel, not -1"),
+                                         (dict(img_size=0), "img_size must be at least 1 pixel, not 0"),
+                                         (dict(crop=-5), "crop must be 0 (no crop) or more pixels, not -5")])
+def test_bad_img_size_and_crop_are_refused_before_the_cache(image_folder, tmp_path, kw, message):
+    for source in (image_folder, "fake"):
+        with pytest.raises(data.DataError, match=re.escape(message)):
+            load(source, tmp_path, **kw)
+    assert not (tmp_path / "data").exists()
+    assert torch.equal(load(image_folder, tmp_path, img_size=8, crop=0).images,  # 0: no crop, as None
+                       load(image_folder, tmp_path, img_size=8).images)
+
+
 def test_bad_names_and_folders(tmp_path, image_folder):
     with pytest.raises(data.DataError, match="unknown dataset 'celebA'.*mnist, fashion-mnist, cifar10, celeba, fake"):
         load("celebA", tmp_path)
@@ -179,6 +202,57 @@ def test_interrupted_cache_build_leaves_nothing_behind(image_folder, tmp_path, m
     assert len(load(image_folder, tmp_path)) == 12
 
 
+def test_full_disk_is_refused_before_any_cache_file(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**9, free=10**6))
+    with pytest.raises(data.DataError) as e:
+        load(image_folder, tmp_path)
+    cache = tmp_path / "data" / "cache"            # 12 images of 3 x 64 x 64 bytes, 64 bytes each beside, 64 MiB
+    assert str(e.value) == (f"the image cache of images needs 0.07 GB but only 0.00 GB is free in {cache}; "
+                            f"free some space or use --data-root on another disk")
+    assert list(cache.iterdir()) == []
+
+
+def test_disk_full_while_writing_the_cache_leaves_nothing_behind(image_folder, tmp_path, monkeypatch):
+    def savez_on_a_full_disk(f, **arrays):
+        f.write(b"PK")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "savez", savez_on_a_full_disk)
+    with pytest.raises(data.DataError) as e:
+        load(image_folder, tmp_path)
+    cache = tmp_path / "data" / "cache"
+    assert str(e.value) == (f"cannot write the image cache in {cache} (OSError: [Errno 28] No space left on "
+                            f"device); use another --data-root or free some space")
+    assert list(cache.iterdir()) == []
+
+
+def test_a_file_that_became_readable_is_decoded_again(image_folder, tmp_path, monkeypatch):
+    """A file skipped as unreadable is decoded once it can be read, though its size and mtime are
+    the same: (1) made readable with chmod. The tests run as root, who reads any file, so a
+    stand-in for _open refuses files without read permission, as the system does for other users;
+    (2) a broken file replaced by a good one of the same size and mtime (cp -p of a same-size file)."""
+    real_open = data._open
+
+    def open_as_a_user(path, channels):
+        if not os.stat(path).st_mode & stat.S_IRUSR:
+            raise data.DataError(f"cannot read image {path}: [Errno 13] Permission denied")
+        return real_open(path, channels)
+    monkeypatch.setattr(data, "_open", open_as_a_user)
+    locked, broken = image_folder / "a/03.jpg", image_folder / "b/c/01.png"
+    good, st = broken.read_bytes(), broken.stat()
+    broken.write_bytes(bytes(len(good)))
+    os.utime(broken, ns=(st.st_atime_ns, st.st_mtime_ns))
+    locked.chmod(0)
+    assert len(load(image_folder, tmp_path, img_size=8)) == 10
+    time.sleep(0.02)                                          # the ctime clock ticks every few ms
+    locked.chmod(0o644)
+    assert len(load(image_folder, tmp_path, img_size=8)) == 11
+    broken.write_bytes(good)
+    os.utime(broken, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert broken.stat().st_size == st.st_size and broken.stat().st_mtime_ns == st.st_mtime_ns
+    assert torch.equal(load(image_folder, tmp_path, img_size=8).images,
+                       load(image_folder, tmp_path / "fresh", img_size=8).images)
+
+
 def test_parallel_decoding_gives_the_same_array(image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DECODE_CHUNK", 2)              # 6 chunks: worker processes
     (image_folder / "b/c/02.png").write_bytes(b"broken")
@@ -210,12 +284,23 @@ def test_celeba_without_partition_has_no_test_split(celeba_root):
         data.load("celeba", root=celeba_root, split="test", verbose=False)
 
 
-def test_missing_celeba_says_which_files_to_put_where(tmp_path, no_network):
+def test_missing_celeba_says_which_files_to_put_where(tmp_path, no_network, monkeypatch):
     with pytest.raises(data.DataError) as e:
         data.load("celeba", root=tmp_path, download=False)
-    assert str(e.value).startswith(f"CelebA is not in {tmp_path / 'celeba'}: put img_align_celeba/")
-    with pytest.raises(data.DataError, match="torchvision's download failed.*list_attr_celeba.csv"):
+    assert str(e.value) == f"CelebA is not in {tmp_path / 'celeba'}: put {data.CELEBA_FILES} there"
+    monkeypatch.setitem(sys.modules, "gdown", None)         # gdown not installed: "pip install" does not help offline
+    with pytest.raises(data.DataError) as e:
         data.load("celeba", root=tmp_path, download=True)
+    assert str(e.value) == (f"CelebA is not in {tmp_path / 'celeba'} (torchvision downloads it with the gdown "
+                            f"package, which is not installed): put {data.CELEBA_FILES} there")
+    # gdown installed, no network: a stand-in that asks Google Drive, as gdown.download does
+    gdown = types.ModuleType("gdown")
+    gdown.download = lambda id, output, **kw: urllib.request.urlopen(f"https://drive.google.com/uc?id={id}")
+    monkeypatch.setitem(sys.modules, "gdown", gdown)
+    with pytest.raises(data.DataError) as e:
+        data.load("celeba", root=tmp_path, download=True)
+    assert str(e.value) == (f"CelebA is not in {tmp_path / 'celeba'} (torchvision's download failed: URLError: "
+                            f"<urlopen error network access is disabled in the tests>): put {data.CELEBA_FILES} there")
 
 
 # ---------------------------------------------------------------- torchvision datasets
@@ -226,6 +311,61 @@ def test_offline_download_is_one_sentence(tmp_path, no_network, name, folder):
     msg = str(e.value)
     assert f"{name} is not in {tmp_path / folder} and could not be downloaded" in msg
     assert msg.endswith(f"in {tmp_path / folder}") and "\n" not in msg
+
+
+@pytest.fixture
+def silent_server():
+    """The URL of a local TCP server that accepts connections and never answers; closed at the end."""
+    server, held, stop = socket.create_server(("127.0.0.1", 0)), [], threading.Event()
+    server.settimeout(0.1)
+
+    def serve():
+        while not stop.is_set():
+            with contextlib.suppress(OSError):             # socket.timeout: look at stop again
+                held.append(server.accept()[0])
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/"
+    stop.set()
+    thread.join()
+    for connection in held + [server]:
+        connection.close()
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10"])
+def test_download_that_never_answers_ends_in_one_sentence(tmp_path, monkeypatch, silent_server, name):
+    import torchvision.datasets
+    cls, folder, _ = data.TORCHVISION[name]
+    dataset = getattr(torchvision.datasets, cls)
+    if hasattr(dataset, "mirrors"):                          # MNIST, FashionMNIST
+        monkeypatch.setattr(dataset, "mirrors", [silent_server])
+    else:                                                    # CIFAR10
+        monkeypatch.setattr(dataset, "url", silent_server + dataset.filename)
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    elsewhere, real_connect = [], socket.create_connection
+
+    def local_only(address, *args, **kwargs):               # never the real network
+        if address[0] != "127.0.0.1":
+            elsewhere.append(address)
+            raise OSError("only 127.0.0.1 in this test")
+        return real_connect(address, *args, **kwargs)
+    monkeypatch.setattr(socket, "create_connection", local_only)
+    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT_S", 1)
+    errors = []
+
+    def run():
+        try:
+            data.load(name, root=tmp_path, verbose=False)
+        except data.DataError as e:
+            errors.append(str(e))
+    loading = threading.Thread(target=run, daemon=True)     # without a timeout it would wait forever
+    loading.start()
+    loading.join(timeout=30)
+    assert not loading.is_alive(), "the download still waits for an answer"
+    assert errors == [f"{name} is not in {tmp_path / folder} and could not be downloaded (no answer within 1 s); "
+                      f"put {data.TORCHVISION[name][2]} in {tmp_path / folder}"]
+    assert elsewhere == [] and socket.getdefaulttimeout() is None
 
 
 def test_real_mnist(mnist_root, DATA_ROOT, decodes):
@@ -275,6 +415,23 @@ def test_loader_rank_shards_are_disjoint_and_equal():
     assert len(set(shards[0]) | set(shards[1]) | set(shards[2])) == 240
 
 
+def test_loader_refuses_a_batch_the_ranks_cannot_share():
+    with pytest.raises(data.DataError, match="^--batch-size 16 is not divisible by the 3 ranks; use a multiple of 3$"):
+        data.Loader(numbered(), 16, "cpu", world_size=3)
+
+
+def test_loader_epoch_resumes_part_way_with_the_same_order_and_flips():
+    images = numbered()
+    images[..., 1] = 255                                     # a bright right column shows the flips
+    loader = data.Loader(images, 32, "cpu", seed=5, flip=True)
+    full = list(loader.epoch(4))
+    assert 0 < int((torch.cat(full)[:, 0, 0, 0] == 1).sum()) < 224
+    for k in (0, 3, 7):
+        assert torch.equal(torch.cat(full[:k] + list(loader.epoch(4, start=k))), torch.cat(full))
+    with pytest.raises(data.DataError, match="cannot start epoch 4 at batch 8: it has 7 batches"):
+        list(loader.epoch(4, start=8))
+
+
 def test_loader_flip_and_channels_last():
     images = torch.zeros(64, 3, 4, 4, dtype=torch.uint8)
     images[..., 0] = 255                                     # a bright left column
@@ -296,13 +453,55 @@ def test_loader_takes_an_imageset_and_refuses_too_small_data():
         data.Loader(ds, 1024, "cpu")
 
 
+def test_pinned_loader_on_the_cpu_with_cuda_stood_in(monkeypatch):
+    """The path for data too big for the GPU, run on the CPU: the process's current device is
+    cuda:0, the loader's cuda:1, a copy to cuda:1 is a CPU copy. Only the two batch buffers are
+    pinned; each copy is issued, and its event recorded, on cuda:1's stream."""
+    pinned, copies, recorded, active = [], [], [], []
+    real_to = torch.Tensor.to
+
+    def to(tensor, *args, **kwargs):
+        if args and isinstance(args[0], torch.device) and args[0].type == "cuda":
+            copies.append((str(args[0]), kwargs.get("non_blocking"), active[-1] if active else None))
+            return real_to(tensor, "cpu", copy=True)
+        return real_to(tensor, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def stream(s):
+        active.append(s)
+        yield
+        active.pop()
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))   # never fits
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: pinned.append(tuple(tensor.shape)) or tensor)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device or 'cuda:0'}")
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    images = numbered()
+    loader = data.Loader(images, 32, "cuda:1", seed=3, flip=True, channels_last=True)
+    assert pinned == [(32, 1, 2, 2)] * 2 and loader.images.data_ptr() == images.data_ptr()
+    batches = list(loader.epoch(0))
+    assert copies == [("cuda:1", True, "stream of cuda:1")] * 7 and recorded == ["stream of cuda:1"] * 7
+    monkeypatch.undo()
+    on_device = list(data.Loader(images, 32, "cpu", seed=3, flip=True, channels_last=True).epoch(0))
+    assert len(batches) == 7 and all(torch.equal(a, b) for a, b in zip(batches, on_device))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fits", [True, False])
 def test_loader_on_cuda_in_memory_and_pinned(monkeypatch, fits):
     if not fits:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
     loader = data.Loader(numbered(), 32, "cuda", seed=3, channels_last=True)
-    assert loader.images.is_cuda == fits and loader.images.is_pinned() != fits
+    assert loader.images.is_cuda == fits and not loader.images.is_pinned()
+    assert fits or all(b.is_pinned() for b in loader.buffers)
     batches = list(loader.epoch(0))
     assert all(b.is_cuda for b in batches)
     assert sum((ids(b.cpu()) for b in batches), []) == torch.randperm(250, generator=torch.Generator().manual_seed(3))[:224].tolist()
