@@ -150,6 +150,23 @@ def read_image(path, channels=3):
     return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1).copy())
 
 
+def write_pngs(images, folder, first=0):
+    """[-1, 1] images B x C x H x W -> folder/NNNNNN.png (uint8, 1 or 3 channels), numbered from
+    `first`: the single images metrics.py reads. A failed write (a full disk) raises DataError
+    and leaves no partial file behind."""
+    os.makedirs(folder, exist_ok=True)
+    u8 = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+    for j, img in enumerate(u8):
+        path = os.path.join(folder, f"{first + j:06d}.png")
+        try:
+            Image.fromarray(img.permute(1, 2, 0).squeeze(2).numpy()).save(path)
+        except OSError as e:
+            if os.path.lexists(path):
+                os.remove(path)
+            raise DataError(f"could not write {path} ({e.strerror or e}); "
+                            f"{first + j} images were written before it") from None
+
+
 # ---------------------------------------------------------------- sources
 @dataclasses.dataclass
 class _Source:

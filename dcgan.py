@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 import torchvision.utils as vutils
-from torchvision.transforms.functional import to_pil_image
 
 import data
 import metrics
@@ -332,7 +331,7 @@ def train_step(nets, optG, optD, real, args, amp):
 
 
 # -----------------------------------------------------------------------------
-# Files: the loss log and the single PNGs for metrics.py.
+# The loss log: one row per logged step.
 
 COLUMNS = ["step", "epoch", "loss_d", "loss_d_real", "loss_d_fake", "loss_g",
            "D(x)", "D(G(z))_before", "D(G(z))_after", "img_per_s"]
@@ -347,21 +346,6 @@ def start_log(path, after_step=None):
             rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= after_step]
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([COLUMNS] + rows)
-
-
-def write_pngs(images, folder, first=0):
-    """[-1, 1] images -> folder/NNNNNN.png as uint8 (1- or 3-channel). A failed write (a full
-    disk) stops the run with one sentence and leaves no partial file behind."""
-    os.makedirs(folder, exist_ok=True)
-    u8 = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()  # B x C x H x W
-    for j, img in enumerate(u8):
-        path = os.path.join(folder, f"{first + j:06d}.png")
-        try:
-            to_pil_image(img).save(path)
-        except OSError as e:
-            if os.path.lexists(path):
-                os.remove(path)
-            sys.exit(f"error: could not write {path} ({e.strerror or e}); {first + j} images were written before it")
 
 
 # -----------------------------------------------------------------------------
@@ -520,7 +504,10 @@ def main(argv=None):
         with torch.no_grad():
             for i in range(0, args.sample, 500):
                 z = torch.randn(min(500, args.sample - i), args.latent_dim, device=device, generator=gen)
-                write_pngs(G(z), os.path.join(args.out, "samples"), first=i)
+                try:
+                    data.write_pngs(G(z), os.path.join(args.out, "samples"), first=i)
+                except data.DataError as e:
+                    sys.exit(f"error: {e}")
         log(f"wrote {args.sample} samples to {os.path.join(args.out, 'samples')}")
     if ddp:
         dist.destroy_process_group()
