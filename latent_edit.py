@@ -25,9 +25,12 @@ originals, interpolation ends and scatter points from the held-out split when th
 import argparse
 import difflib
 import importlib
+import math
 import os
+import pickle
 import re
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.transforms.functional import to_pil_image
 
 import data
+import metrics
 
 SCRIPTS = ("dcgan", "mlp_gan", "vae_conv", "mlp_vae", "vaegan")  # the last three have an encoder
 BATCH = 256          # images per encode/decode call
@@ -51,29 +55,62 @@ class EditError(Exception):
 # -----------------------------------------------------------------------------
 # Model, data, codes.
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def read_checkpoint(path):
+    """The dict a model script saved in path, read with weights_only=True so that nothing in the file can
+    run. Any other file is an EditError saying what it is; PyTorch's own message is never passed on, as
+    it advises loading the file unsafely."""
+    use = "pass the ckpt.pt that a model script wrote to its --out folder"
+    if os.path.isdir(path):
+        raise EditError(f"{path} is a folder, not a checkpoint; pass the ckpt.pt inside it")
+    if not os.path.exists(path):
+        raise EditError(f"{path} does not exist; {use}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)  # what kind of file it is, for the messages below
+    except OSError as e:
+        raise EditError(f"cannot read {path} ({e.strerror})") from None
+    if not head:
+        raise EditError(f"{path} is empty (0 bytes) and not a checkpoint; a model script writes ckpt.pt "
+                        f"at the end of each epoch")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch warns about some pickle protocols
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if head.startswith((b"PK", b"\x80")):  # a torch.save zip or a pickle, holding more than tensors
+            raise EditError(f"{path} is not a checkpoint written by this project's scripts and may be unsafe "
+                            f"to load; nothing in it was run") from None
+        raise EditError(f"{path} is not a PyTorch checkpoint; {use}") from None
+    except Exception:  # PyTorch raises many kinds for a file it cannot parse
+        if head.startswith(b"PK"):
+            raise EditError(f"{path} is a damaged or truncated checkpoint (or another zip archive); {use}") from None
+        raise EditError(f"{path} is not a PyTorch checkpoint; {use}") from None
+    scripts = ", ".join(s + ".py" for s in SCRIPTS)
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise EditError(f"{path} holds a {type(ckpt).__name__} without a 'script' entry, so it was not written "
+                        f"by one of {scripts} and there is no model to rebuild from it")
+    if ckpt["script"] not in SCRIPTS:
+        raise EditError(f"{path} was not written by one of {scripts} (its script is {ckpt['script']!r}), "
+                        f"so there is no model to rebuild from it")
+    if not isinstance(ckpt.get("args"), dict):
+        raise EditError(f"{path} has no settings ('args') to rebuild the {ckpt['script']}.py model from")
+    return ckpt
 
 
 def load(path, device):
     """(model, checkpoint dict): the model from its own script's load_model, in eval mode."""
+    ckpt = read_checkpoint(path)
+    script = ckpt["script"]
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, or not a checkpoint at all
-        raise EditError(f"cannot read checkpoint {path} ({str(e).splitlines()[0][:200]})") from None
-    script = ckpt.get("script") if isinstance(ckpt, dict) else None
-    if script not in SCRIPTS:
-        raise EditError(f"{path} was not written by one of {', '.join(s + '.py' for s in SCRIPTS)} "
-                        f"(its script is {script!r}), so there is no model to rebuild from it")
+        module = importlib.import_module(script)
+    except ImportError as e:
+        raise EditError(f"cannot import {script}.py, which rebuilds the model of {path} ({e}); keep the "
+                        f"model scripts next to latent_edit.py") from None
     try:
-        model = importlib.import_module(script).load_model(path, device)
-    except (RuntimeError, KeyError, ValueError) as e:
+        model = module.load_model(path, device)
+    except KeyError as e:
+        raise EditError(f"{script}.py cannot rebuild the model of {path}: it has no {e} entry") from None
+    except (RuntimeError, ValueError, TypeError) as e:
         raise EditError(f"{script}.py cannot rebuild the model of {path} ({str(e).splitlines()[0][:200]})") from None
     return model, ckpt
 
@@ -84,9 +121,17 @@ def need_encoder(model, ckpt, what):
                         f"use a checkpoint of vae_conv.py, mlp_vae.py or vaegan.py")
 
 
+def need_2d(model, ckpt, what):
+    if model.latent_dim < 2:
+        raise EditError(f"a {what} needs a latent of at least 2 dimensions and this {ckpt['script']}.py model "
+                        f"has {model.latent_dim}")
+
+
 def dataset(ckpt, split, root=None):
     """The checkpoint's dataset with its training settings; 'test' falls back to 'train' where there is none."""
     cfg = ckpt["args"]
+    if not cfg.get("data"):
+        raise EditError("the checkpoint does not say which dataset it was trained on (no 'data' in its args)")
     split = split if data.has_test_split(cfg["data"]) else "train"
     try:
         return data.load(cfg["data"], root=root or cfg.get("data_root", "data"), split=split,
@@ -178,10 +223,14 @@ def attribute_vector(model, ckpt, args, device):
     mean_with, mean_without = mu[mask].mean(0), mu[~mask].mean(0)
     vec = {"vector": mean_with - mean_without, "mean_with": mean_with, "mean_without": mean_without,
            "n_with": int(mask.sum()), "n_without": int((~mask).sum()), "attr": name, "ckpt_step": ckpt.get("step")}
-    torch.save(vec, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        torch.save(vec, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        where = path
+    except (OSError, RuntimeError):  # a read-only folder, say: the vector is used, just not cached
+        where = f"not cached, as {path} cannot be written"
     print(f"attribute vector of {name} from {vec['n_with']} images with and {vec['n_without']} without "
-          f"(|z_att| = {vec['vector'].norm():.3f}): {path}")
+          f"(|z_att| = {vec['vector'].norm():.3f}): {where}")
     return vec
 
 
@@ -227,18 +276,12 @@ def slerp(a, b, t):
 
 def cmd_interpolate(model, ckpt, args, device):
     """One row per pair: [from image,] --steps decodes along the path, [to image]."""
-    if (args.from_ is None) != (args.to is None):
-        raise EditError("interpolating between dataset images needs both --from and --to")
-    if args.from_ is not None:
+    if args.from_ is not None:  # get_args checked that --to has as many indices
         need_encoder(model, ckpt, "interpolate --from/--to")
         ds = dataset(ckpt, "test", args.data_root)
-        try:
-            ia, ib = ([int(i) for i in s.split(",")] for s in (args.from_, args.to))
-        except ValueError:
-            ia, ib = [], [-1]
-        if len(ia) != len(ib) or not all(0 <= i < len(ds) for i in ia + ib):
-            raise EditError(f"--from and --to need the same number of comma-separated indices, each from 0 to "
-                            f"{len(ds) - 1}")
+        ia, ib = args.from_, args.to
+        if not all(0 <= i < len(ds) for i in ia + ib):
+            raise EditError(f"--from and --to take indices of the {ds.name} images, each from 0 to {len(ds) - 1}")
         a, b = encode(model, ds.images[ia], device), encode(model, ds.images[ib], device)
         ends = data.to_float(ds.images[ia]), data.to_float(ds.images[ib])
     else:  # two random codes from the prior N(0, I) per row
@@ -309,11 +352,10 @@ def draw_scatter(xy, groups, axes, title, path, size=512, seed=0):
 def cmd_scatter(model, ckpt, args, device):
     """Mean codes of up to --n images in 2-D, coloured by --attr, else by class, else one colour."""
     need_encoder(model, ckpt, "scatter")
+    need_2d(model, ckpt, "scatter")
     ds = dataset(ckpt, "test", args.data_root)
     idx = subset(len(ds), args.n, args.seed)
     mu = encode(model, ds.images[idx], device)
-    if mu.shape[1] < 2:
-        raise EditError("a scatter needs a latent of at least 2 dimensions")
     if mu.shape[1] == 2:
         xy, axes = mu, ("z1", "z2")
     else:
@@ -336,16 +378,14 @@ def cmd_manifold(model, ckpt, args, device):
     """--grid x --grid decodes of centre + q_c s0 d0 + q_r s1 d1 at Gaussian quantiles q (K&W figure 4):
     the plane itself for a 2-D latent; two chosen axes (--dims) around 0; else the first two principal
     directions of the codes around their mean, scaled by their standard deviations."""
+    need_2d(model, ckpt, "manifold")
     d = model.latent_dim
     centre, scale = torch.zeros(d), torch.ones(2)
     if d == 2 and not args.dims:
         dirs, what = torch.eye(2), "the latent plane"
     elif args.dims or not hasattr(model, "encode"):
-        try:
-            i, j = [int(v) for v in (args.dims or "0,1").split(",")]
-        except ValueError:
-            i = j = -1
-        if not (0 <= i < d and 0 <= j < d and i != j):
+        i, j = args.dims or (0, 1)  # get_args checked that they differ
+        if not (0 <= i < d and 0 <= j < d):
             raise EditError(f"--dims needs two different latent dimensions from 0 to {d - 1}")
         dirs, what = torch.eye(d)[[i, j]], f"latent dimensions {i} and {j} (the others 0)"
     else:
@@ -371,11 +411,75 @@ COMMANDS = {"attribute": cmd_attribute, "vector": cmd_vector, "interpolate": cmd
 
 # -----------------------------------------------------------------------------
 
-def intensities(text):
+def numbers(kind, count=None):
+    """argparse type: comma-separated finite numbers of a kind (float or int), count of them if given."""
+    what = "integers" if kind is int else "numbers"
+
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r} holds a value that is not a finite number")
+        if count is not None and len(values) != count:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {count} comma-separated {what}")
+        return values
+    return parse
+
+
+def resolve_device(name):
+    """--device as a torch.device that this machine has (metrics.resolve_device, plus MPS and CUDA indices)."""
     try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+        device = metrics.resolve_device(name)
+    except metrics.MetricsError as e:
+        raise EditError(str(e)) from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise EditError(f"--device {name} is not one latent_edit.py runs on; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise EditError(f"--device {name} was asked for but MPS is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EditError(f"--device {name} was asked for but there are only {torch.cuda.device_count()} CUDA "
+                        f"devices; use --device cuda:0")
+    return device
+
+
+def unwritable(path, folder=False):
+    """Why an output file (folder=True: a folder to fill) cannot be written at path, or None."""
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        return "it is a file, not a folder"
+    if not folder and os.path.isdir(path):
+        return f"it is a folder; name a file in it, such as {os.path.join(path, 'edit.png')}"
+    if not folder and Image.registered_extensions().get(os.path.splitext(path)[1].lower()) not in Image.SAVE:
+        return "its extension is not an image format Pillow writes; end it in .png"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest folder that exists: the rest is created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def check_args(args):
+    """Every flag at once, before the checkpoint or any data is read; resolves args.device."""
+    for flag, least in (("n", 1), ("steps", 2), ("grid", 1), ("max_images", 1), ("size", 100)):
+        if getattr(args, flag, least) < least:
+            raise EditError(f"--{flag.replace('_', '-')} must be at least {least}")
+    if args.command == "interpolate":
+        if (args.from_ is None) != (args.to is None):
+            raise EditError("interpolating between dataset images needs both --from and --to")
+        if args.from_ is not None and len(args.from_) != len(args.to):
+            raise EditError("--from and --to need the same number of comma-separated indices")
+    if getattr(args, "dims", None) and args.dims[0] == args.dims[1]:
+        raise EditError("--dims needs two different latent dimensions")
+    args.device = resolve_device(args.device)
+    for flag, folder in (("out", False), ("save_dir", True)):
+        path = getattr(args, flag, None)
+        why = path and unwritable(path, folder)
+        if why:
+            raise EditError(f"--{flag.replace('_', '-')} {path} cannot be written: {why}")
 
 
 def get_args(argv=None):
@@ -398,47 +502,50 @@ def get_args(argv=None):
                        help="CelebA attribute, class name or number, or a column of the folder's attributes.csv")
         s.add_argument("--max-images", type=int, default=10000, help="training images averaged for z_att")
         k = s.add_mutually_exclusive_group()
-        k.add_argument("--intensity", type=lambda v: intensities(v)[:1], dest="intensities", metavar="K",
+        k.add_argument("--intensity", type=numbers(float, 1), dest="intensities", metavar="K",
                        help="one multiple k of z_att")
-        k.add_argument("--intensities", type=intensities, metavar="K,K,...", help="multiples k of z_att")
+        k.add_argument("--intensities", type=numbers(float), metavar="K,K,...",
+                       help="multiples k of z_att (a negative first one needs '=': --intensities=-1,0,1)")
         s.set_defaults(intensities=default)
         if name == "attribute":
             s.add_argument("--n", type=int, default=8, help="originals without the attribute (columns)")
             s.add_argument("--save-dir", default=None, help="also write each edit to DIR/intensity_<k>/NNNNNN.png")
     s = command("interpolate")
-    s.add_argument("--from", dest="from_", default=None,
+    s.add_argument("--from", dest="from_", type=numbers(int), default=None, metavar="I[,I,...]",
                    help="index (or comma-separated indices) of the start image(s); held-out split where there is one")
-    s.add_argument("--to", default=None, help="index (or indices) of the end image(s)")
+    s.add_argument("--to", type=numbers(int), default=None, metavar="I[,I,...]",
+                   help="index (or indices) of the end image(s)")
     s.add_argument("--n", type=int, default=4, help="rows of random code pairs, without --from/--to")
     s.add_argument("--steps", type=int, default=8, help="decodes along each path, ends included")
     s.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
     s = command("scatter")
     s.add_argument("--n", type=int, default=2000, help="images encoded (held-out split where there is one)")
     s.add_argument("--attr", default=None, help="colour by this attribute or class instead of by class")
-    s.add_argument("--size", type=int, default=512, help="plot height in pixels (the legend adds 180 to the width)")
+    s.add_argument("--size", type=int, default=512,
+                   help="plot height in pixels, at least 100 (the legend adds 180 to the width)")
     s = command("manifold")
     s.add_argument("--grid", type=int, default=20, help="decodes per side")
-    s.add_argument("--dims", default=None,
+    s.add_argument("--dims", type=numbers(int, 2), default=None, metavar="I,J",
                    help="two latent dimensions I,J to vary (default: the plane, or the first two principal directions)")
     s.add_argument("--max-images", type=int, default=10000, help="training images for the principal directions")
     args = p.parse_args(argv)
-    for flag in ("n", "steps", "grid", "max_images", "size"):
-        if getattr(args, flag, 2) < (2 if flag == "steps" else 1):
-            p.error(f"--{flag.replace('_', '-')} must be at least {2 if flag == 'steps' else 1}")
     if args.out is None:
         attr = re.sub(r"\W+", "_", getattr(args, "attr", None) or "").strip("_").lower()
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                 f"edit_{args.command}{'_' + attr if attr else ''}.png")
+    try:
+        check_args(args)
+    except EditError as e:
+        p.error(str(e))
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
-    device = pick_device(args.device)
     torch.manual_seed(args.seed)
     try:
-        model, ckpt = load(args.ckpt, device)
-        COMMANDS[args.command](model, ckpt, args, device)
+        model, ckpt = load(args.ckpt, args.device)
+        COMMANDS[args.command](model, ckpt, args, args.device)
     except EditError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {args.out}")

@@ -2,6 +2,8 @@
 checkpoints of the five scripts trained for two steps on --data fake (16x16 grey, 10 classes, 3 attributes)."""
 import math
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -51,6 +53,18 @@ def ckpt(ckpts, tmp_path):
 
 def edit(*argv):
     return latent_edit.main([str(a) for a in argv])
+
+
+def refused(capsys, pattern, *argv):
+    """latent_edit.main(argv) must stop with a non-zero exit and one plain sentence matching pattern (from
+    sys.exit or argparse), never a traceback; returns everything it printed."""
+    with pytest.raises(SystemExit) as stop:
+        edit(*argv)
+    out = capsys.readouterr()
+    said = f"{stop.value.code if isinstance(stop.value.code, str) else ''}\n{out.out}{out.err}"
+    assert stop.value.code not in (0, None) and "Traceback" not in said
+    assert re.search(pattern, said), said
+    return said
 
 
 def grid_size(cols, rows, pad=2):
@@ -255,10 +269,9 @@ def folder_ckpt(ckpt, tmp_path):
     return path, folder
 
 
-def test_errors_are_one_sentence(ckpt, folder_ckpt, tmp_path):
+def test_errors_are_one_sentence(ckpt, folder_ckpt, tmp_path, capsys):
     def fails(pattern, *argv):
-        with pytest.raises(SystemExit, match=pattern):
-            edit(*argv)
+        refused(capsys, pattern, *argv)
     for cmd in (["attribute", "--attr", "Large"], ["vector", "--attr", "Large"], ["scatter"],
                 ["interpolate", "--from", "0", "--to", "1"]):
         fails(r"needs an encoder and a dcgan.py checkpoint has only a generator", *cmd, "--ckpt", ckpt("dcgan"))
@@ -276,12 +289,12 @@ def test_errors_are_one_sentence(ckpt, folder_ckpt, tmp_path):
     other = tmp_path / "other.pt"
     torch.save({"script": "resnet", "args": {}}, other)
     fails(r"was not written by one of dcgan.py, .* \(its script is 'resnet'\)", "manifold", "--ckpt", other)
-    fails("cannot read checkpoint", "manifold", "--ckpt", tmp_path / "missing.pt")
     fails("needs both --from and --to", "interpolate", "--ckpt", ckpt("mlp_vae"), "--from", "3")
     fails("each from 0 to 511", "interpolate", "--ckpt", ckpt("mlp_vae"), "--from", "0", "--to", "512")
-    fails("same number of comma-separated indices", "interpolate", "--ckpt", ckpt("mlp_vae"), "--from", "0,1", "--to", "x")
+    fails("same number of comma-separated indices", "interpolate", "--ckpt", ckpt("mlp_vae"), "--from", "0,1",
+          "--to", "2")
     fails("two different latent dimensions from 0 to 7", "manifold", "--ckpt", ckpt("vae_conv"), "--dims", "2,8")
-    fails("two different latent dimensions from 0 to 7", "manifold", "--ckpt", ckpt("vae_conv"), "--dims", "x")
+    fails("two different latent dimensions", "manifold", "--ckpt", ckpt("vae_conv"), "--dims", "3,3")
 
 
 def test_every_command_runs_with_only_its_required_flags(ckpt):
@@ -302,3 +315,165 @@ def test_command_line_entry_point(ckpt):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: fake has no attribute or class 'Smiling'")
+
+
+# Every flag is checked before the checkpoint is read: torch.load fails the test if it is reached.
+FLAG_ERRORS = [
+    (["attribute", "--attr", "Large", "--intensities", "nan,inf"], r"'nan,inf' holds a value that is not a finite"),
+    (["attribute", "--attr", "Large", "--intensity=-inf"], r"'-inf' holds a value that is not a finite number"),
+    (["vector", "--attr", "Large", "--intensities", "0,1e999"], r"'0,1e999' holds a value that is not a finite"),
+    (["vector", "--attr", "Large", "--intensities", "1,,2"], r"'1,,2' is not a comma-separated list of numbers"),
+    (["attribute", "--attr", "Large", "--intensity", "1,2"], r"'1,2' is not 1 comma-separated numbers"),
+    (["interpolate", "--from", "3"], r"needs both --from and --to"),
+    (["interpolate", "--from", "0,1", "--to", "x"], r"'x' is not a comma-separated list of integers"),
+    (["interpolate", "--from", "0,1", "--to", "2"], r"--from and --to need the same number of comma-separated"),
+    (["manifold", "--dims", "x"], r"'x' is not a comma-separated list of integers"),
+    (["manifold", "--dims", "1,2,3"], r"'1,2,3' is not 2 comma-separated integers"),
+    (["manifold", "--dims", "3,3"], r"--dims needs two different latent dimensions"),
+    (["scatter", "--size", "50"], r"--size must be at least 100"),
+    (["manifold", "--out", "{tmp}"], r"--out \S+ cannot be written: it is a folder"),
+    (["manifold", "--out", "{tmp}/grid.txt"], r"cannot be written: its extension is not an image format"),
+    (["manifold", "--out", "{tmp}/note.txt/grid.png"], r"cannot be written: \S+note.txt is a file, not a folder"),
+    (["attribute", "--attr", "Large", "--save-dir", "{tmp}/note.txt"], r"--save-dir \S+ cannot be written: it is a"),
+]
+
+
+@pytest.mark.parametrize("argv, pattern", FLAG_ERRORS, ids=[" ".join(a) for a, _ in FLAG_ERRORS])
+def test_bad_flags_are_refused_before_the_checkpoint_is_read(ckpt, tmp_path, capsys, argv, pattern):
+    path = ckpt("mlp_vae")
+    (tmp_path / "note.txt").write_text("a file")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch, "load", lambda *a, **k: pytest.fail("the checkpoint was read before the flags were checked"))
+        refused(capsys, pattern, *argv, "--ckpt", path)
+    assert not os.path.exists(os.path.join(os.path.dirname(path), f"edit_{argv[0]}.png"))
+
+
+@pytest.mark.parametrize("device, n_cuda, pattern", [
+    ("cuda", 0, r"--device cuda was asked for but CUDA is not available; use --device cpu"),
+    ("cuda:1", 0, r"--device cuda:1 was asked for but CUDA is not available; use --device cpu"),
+    ("cuda:2", 2, r"--device cuda:2 was asked for but there are only 2 CUDA devices; use --device cuda:0"),
+    ("mps", 0, r"--device mps was asked for but MPS is not available; use --device cpu"),
+    ("nonsense", 0, r"'nonsense' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    ("meta", 0, r"--device meta is not one latent_edit.py runs on"),
+])
+def test_devices_this_machine_lacks_are_refused_before_the_checkpoint_is_read(ckpt, monkeypatch, capsys,
+                                                                              device, n_cuda, pattern):
+    # CPU test: the machine's CUDA devices and MPS are replaced by n_cuda pretend ones and none.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    path = ckpt("mlp_vae")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(torch, "load", lambda *a, **k: pytest.fail("the checkpoint was read before --device was checked"))
+        said = refused(capsys, pattern, "manifold", "--ckpt", path, "--device", device)
+    assert "map_location" not in said
+
+
+def cut_latent(path, d):
+    """The latent-2 mlp_vae checkpoint at path rewritten as if trained with --latent-dim d: its args say
+    d, and every weight dimension of size 2 (only the latent's, at these widths) keeps its first d."""
+    c = torch.load(path, weights_only=True)
+    assert c["script"] == "mlp_vae" and c["args"]["latent_dim"] == 2
+    c["args"]["latent_dim"] = d
+    c["model"] = {k: v[tuple(slice(0, d) if n == 2 else slice(None) for n in v.shape)].clone()
+                  for k, v in c["model"].items()}
+    torch.save(c, path)
+    assert latent_edit.load(path, "cpu")[0].latent_dim == d
+    return path
+
+
+@pytest.mark.parametrize("d", [0, 1])
+def test_manifold_of_a_latent_under_2_dimensions_is_refused(ckpt, capsys, d):
+    path = cut_latent(ckpt("mlp_vae"), d)
+    refused(capsys, rf"a manifold needs a latent of at least 2 dimensions and this mlp_vae.py model has {d}",
+            "manifold", "--ckpt", path, "--grid", "3")
+
+
+class Opaque:  # pickled by reference to this module: not a type torch.load(weights_only=True) allows
+    pass
+
+
+class Payload:  # unpickling it would call os.makedirs(marker)
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def bad_file(kind, folder):
+    """The path of a file of some kind that is no checkpoint of this project's scripts."""
+    path = folder / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("epoch,step,loss\n1,10,0.5\n")
+    elif kind == "random bytes":
+        path.write_bytes(b"\x07" + np.random.default_rng(0).bytes(500))
+    elif kind == "truncated":
+        torch.save({"x": torch.zeros(10000)}, path)
+        path.write_bytes(path.read_bytes()[:1000])
+    elif kind == "class instance":
+        torch.save({"script": "mlp_vae", "args": {}, "x": Opaque()}, path)
+    elif kind == "code":  # a plain pickle (protocol 4) that runs os.makedirs when unpickled unsafely
+        path.write_bytes(pickle.dumps(Payload(str(folder / "was_run")), protocol=4))
+    elif kind == "torch.save code":
+        torch.save({"script": "mlp_vae", "x": Payload(str(folder / "was_run"))}, path)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "no script":
+        torch.save({"args": {"data": "fake"}, "model": {}}, path)
+    elif kind == "no args":
+        torch.save({"script": "mlp_vae", "model": {}}, path)
+    elif kind == "folder":
+        path.mkdir()
+    return path
+
+
+UNSAFE = r"is not a checkpoint written by this project's scripts and may be unsafe to load; nothing in it was run"
+
+
+@pytest.mark.parametrize("kind, pattern", [
+    ("empty", r"empty.pt is empty \(0 bytes\) and not a checkpoint"),
+    ("text", r"text.pt is not a PyTorch checkpoint; pass the ckpt.pt"),
+    ("random bytes", r"random bytes.pt is not a PyTorch checkpoint; pass the ckpt.pt"),
+    ("truncated", r"truncated.pt is a damaged or truncated checkpoint"),
+    ("class instance", "class instance.pt " + UNSAFE),
+    ("code", "code.pt " + UNSAFE),
+    ("torch.save code", "torch.save code.pt " + UNSAFE),
+    ("tensor", r"tensor.pt holds a Tensor without a 'script' entry, so it was not written by one of dcgan.py"),
+    ("no script", r"no script.pt holds a dict without a 'script' entry, so it was not written by one of"),
+    ("no args", r"no args.pt has no settings \('args'\) to rebuild the mlp_vae.py model from"),
+    ("missing", r"missing.pt does not exist; pass the ckpt.pt that a model script wrote"),
+    ("folder", r"folder.pt is a folder, not a checkpoint; pass the ckpt.pt inside it"),
+])
+def test_files_that_are_no_checkpoint_of_this_project_are_refused_in_one_sentence(tmp_path, capsys, recwarn,
+                                                                                  kind, pattern):
+    path = bad_file(kind, tmp_path)
+    said = refused(capsys, pattern, "manifold", "--ckpt", path, "--out", tmp_path / "m.png")
+    assert "weights_only" not in said and not any("weights_only" in str(w.message) for w in recwarn)
+    assert not (tmp_path / "was_run").exists() and not (tmp_path / "m.png").exists()
+
+
+def test_a_checkpoint_whose_script_cannot_be_imported_is_refused(ckpt, monkeypatch, capsys):
+    path = ckpt("mlp_vae")
+    monkeypatch.setitem(sys.modules, "mlp_vae", None)  # as if mlp_vae.py were not beside latent_edit.py
+    refused(capsys, r"cannot import mlp_vae.py, which rebuilds the model of .*; keep the model scripts next to",
+            "manifold", "--ckpt", path)
+
+
+def test_a_checkpoint_without_its_dataset_is_refused(ckpt, capsys):
+    path = ckpt("mlp_vae")
+    c = torch.load(path, weights_only=True)
+    del c["args"]["data"]
+    torch.save(c, path)
+    refused(capsys, r"the checkpoint does not say which dataset it was trained on", "scatter", "--ckpt", path)
+
+
+def test_an_attribute_vector_that_cannot_be_cached_is_still_used(ckpt, tmp_path, capsys):
+    path = ckpt("mlp_vae")
+    os.mkdir(os.path.join(os.path.dirname(path), "attr_Large_300.pt.tmp"))  # torch.save cannot write there
+    out = edit("vector", "--ckpt", path, "--attr", "Large", "--max-images", "300", "--out", tmp_path / "v.png")
+    assert Image.open(out).size == grid_size(5, 2)
+    assert "not cached, as" in capsys.readouterr().out
