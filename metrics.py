@@ -24,6 +24,7 @@ file (.npz with mu and sigma, pytorch-fid's format) or a dataset name of data.py
     python metrics.py --plot runs/dcgan-mnist/losses.csv                    # redraw losses.png
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -32,8 +33,10 @@ import os
 import pathlib
 import socket
 import sys
+import tempfile
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -60,6 +63,12 @@ class MetricsError(ValueError):
 
 def note(msg):
     print(msg, file=sys.stderr, flush=True)
+
+
+def _reason(e):
+    """The first line of an exception, short, for the end of a one-sentence error."""
+    text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:120].rstrip(':')}" if text else type(e).__name__
 
 
 # ------------------------------------------------------------------ the FID Inception network
@@ -154,12 +163,18 @@ def resolve_device(device="auto"):
             raise MetricsError(f"{device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise MetricsError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+        if device.type == "mps" and not _mps_available():
+            raise MetricsError(f"--device {device} was asked for but MPS is not available; use --device cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def weights_path(weights=None):
@@ -239,15 +254,36 @@ def _batches(source, batch_size, skipped):
             yield images
 
 
+def _to_float(im):
+    """uint8 C x H x W -> 1 x 3 x H x W in [0, 1], as PIL .convert("RGB") + ToTensor: gray replicated."""
+    return im.float().div(255).expand(3, -1, -1).unsqueeze(0)
+
+
 def _model_input(images, device):
     """uint8 C x H x W images -> N x 3 x H x W float in [0, 1] on device, as pytorch-fid's
-    PIL .convert("RGB") + ToTensor: grayscale replicated, divided by 255. Images of different
-    sizes are each resized to 299 x 299 on their own (the network's resize is then the identity)."""
-    xs = [im.to(device).float().div(255).expand(3, -1, -1).unsqueeze(0) for im in images]
-    if any(x.shape != xs[0].shape for x in xs):
+    PIL .convert("RGB") + ToTensor. The batch goes to the device in one copy of its uint8 pixels
+    (one copy per image would make a GPU wait on many small transfers). Images of different sizes
+    are each resized to 299 x 299 on their own there (the network's resize is then the identity)."""
+    shapes = [im.shape for im in images]
+    pixels = torch.cat([im.reshape(-1) for im in images]).to(device)       # one host -> device copy
+    xs = [_to_float(p.view(shape)) for p, shape in zip(pixels.split([s.numel() for s in shapes]), shapes)]
+    if any(shape != shapes[0] for shape in shapes):
         xs = [resize_299(x) for x in xs]
     x = torch.cat(xs)
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+@contextlib.contextmanager
+def _float32_matmuls():
+    """No TF32 inside: Ampere+ GPUs may otherwise round matmul and convolution inputs to 10-bit
+    mantissas, and the features (so FID) would differ from the CPU's beyond float32 precision.
+    The previous settings are restored afterwards (a training script may want TF32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def compute_features(source, model=None, batch_size=50, device="cpu", lapvar=False, name="images",
@@ -270,7 +306,7 @@ def compute_features(source, model=None, batch_size=50, device="cpu", lapvar=Fal
     pool3, logits, lap, skipped, sizes = [], [], [], [], set()
     done, t0, last_print = 0, time.time(), 0.0
     show = progress and model is not None
-    with torch.inference_mode():
+    with torch.inference_mode(), _float32_matmuls():
         for images in _batches(source, batch_size, skipped):
             if len(sizes) < 2:
                 sizes.update(tuple(im.shape[1:]) for im in images)
@@ -280,8 +316,8 @@ def compute_features(source, model=None, batch_size=50, device="cpu", lapvar=Fal
                          f"each is resized to 299x299 on its own")
             if model is not None:
                 p, lg = model(_model_input(images, device))
-                pool3.append(p.double().cpu().numpy())
-                logits.append(lg.float().cpu().numpy())
+                pool3.append(p.cpu().double().numpy())        # float64 on the CPU: MPS has none
+                logits.append(lg.cpu().float().numpy())
             if lapvar:
                 lap.append(laplacian_variance(images))
             done += len(images)
@@ -389,7 +425,7 @@ def laplacian_variance(images_uint8):
         raise MetricsError(f"laplacian_variance needs 8-bit images, got {x.dtype}")
     if x.dim() == 3:
         x = x.unsqueeze(1)
-    x = x.to(torch.int32)
+    x = x.cpu().to(torch.int32)                                         # float64 below: MPS has none
     if x.shape[1] == 3:
         r, g, b = LUMA_15BIT
         x = (r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3] + (1 << 14)) >> 15
@@ -406,15 +442,25 @@ STAT_KEYS = ("n", "is_mean", "is_std", "lapvar", "lapvar_std")   # stored beside
 
 def load_stats(path):
     """A statistics .npz (pytorch-fid's format: mu, sigma; ours adds n, IS and Laplacian var.)."""
+    expected = "give a file written by metrics.py --save-stats or pytorch-fid --save-stats"
+    # A .npz is a zip archive of .npy arrays. For anything else (empty, text, a .npy, a truncated
+    # download) np.load would try .npy and pickle formats and fail with misleading messages.
+    if not zipfile.is_zipfile(path):
+        raise MetricsError(f"{path} is not a .npz file (a zip archive of arrays); {expected}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
-        raise MetricsError(f"{path} cannot be read as a .npz statistics file ({e})") from None
+            arrays = {k: np.asarray(f[k]) for k in f.files}    # a member that is no .npy: bytes
+    except (OSError, ValueError, zipfile.BadZipFile) as e:     # ValueError: pickled object arrays
+        raise MetricsError(f"{path} cannot be read as a .npz statistics file ({_reason(e)}); "
+                           f"{expected}") from None
     if "mu" not in arrays or "sigma" not in arrays:
         raise MetricsError(f"{path} has no 'mu' and 'sigma' arrays (it has {sorted(arrays)}); "
                            f"it is not a pytorch-fid statistics file")
-    mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    try:
+        mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+    except (TypeError, ValueError):
+        raise MetricsError(f"{path}: mu and sigma are not numbers ({arrays['mu'].dtype}, "
+                           f"{arrays['sigma'].dtype}); it is not a pytorch-fid statistics file") from None
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise MetricsError(f"{path}: mu has shape {mu.shape} but sigma has shape {sigma.shape}; "
                            f"expected (d,) and (d, d)")
@@ -426,13 +472,43 @@ def load_stats(path):
 
 
 def save_stats(path, stats):
-    """Write stats atomically (temporary file, then rename)."""
+    """Write stats as a .npz (pytorch-fid's mu and sigma, and ours), atomically."""
+    keys = ("mu", "sigma", "weights_sha256") + STAT_KEYS
+    arrays = {k: v for k, v in stats.items() if v is not None and k in keys}
+    _write_atomically(path, lambda f: np.savez(f, **arrays), "the statistics file")
+
+
+def _write_atomically(path, write, what):
+    """write(file object) into a temporary file, then rename it onto path: a crash never leaves a
+    torn file. Output paths are checked before the work, but a disk can still fill up: an
+    OSError becomes a MetricsError, and the temporary file is removed."""
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{k: v for k, v in stats.items() if v is not None and k in
-                     ("mu", "sigma", "weights_sha256") + STAT_KEYS})
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise MetricsError(f"cannot write {what} {path} ({_reason(e)})") from None
+
+
+def check_writable(path, what):
+    """Find an output path that cannot be written before the work, not after it: path is not a
+    folder, its nearest existing ancestor is a folder, and a file can be created there (tried and
+    removed; permission bits alone say nothing when running as root). Creates nothing."""
+    path = pathlib.Path(path).absolute()
+    if path.is_dir():
+        raise MetricsError(f"cannot write {what} to {path}: it is a folder; give a file name")
+    folder = next(p for p in path.parents if p.exists())
+    if not folder.is_dir():
+        raise MetricsError(f"cannot write {what} to {path}: {folder} is a file, not a folder")
+    try:
+        tempfile.NamedTemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise MetricsError(f"cannot write {what} to {path} ({_reason(e)}); choose another path") from None
 
 
 def _file_sha256(path):
@@ -444,11 +520,12 @@ def _file_sha256(path):
 
 
 def open_set(spec, args):
-    """Where a set comes from: ("npz", path), ("folder", [paths]) or ("dataset", (name, split))."""
+    """Where a set comes from: ("npz", stats), ("folder", [paths]) or ("dataset", (name, split)).
+    A .npz is read here, so that a bad one fails before any long feature pass."""
     if spec.endswith(".npz"):
         if not os.path.isfile(spec):
             raise MetricsError(f"statistics file {spec} does not exist")
-        return "npz", spec
+        return "npz", load_stats(spec)
     if os.path.isdir(spec):
         files = data.list_images(spec)
         if args.n is not None:
@@ -468,13 +545,15 @@ def evaluate_set(spec, opened, args, get_model):
     dict with mu, sigma, n, is_mean, is_std, lapvar, lapvar_std where available."""
     kind, where = opened
     if kind == "npz":
-        return {"n": None, **load_stats(where)}
+        return {"n": None, **where}
     cache = None
     if kind == "dataset":
         name, split = where
         images = data.load(name, root=args.data_root, split=split, verbose=False).images
         images = images[:args.n] if args.n is not None else images
         tag = name if split == "train" else f"{name}-{split}"
+        # The key is the set and the weights, not the device: the pass is float32 without TF32
+        # (_float32_matmuls), so CPU and GPU statistics agree to float32 precision.
         cache = pathlib.Path(args.data_root) / "cache" / f"fid_stats_{tag}_{len(images)}.npz"
         where = images
     if len(where) < 2 and not args.lapvar_only:
@@ -499,7 +578,10 @@ def evaluate_set(spec, opened, args, get_model):
                  f"rank-deficient and an FID against it is biased (papers use 10,000-50,000)")
         if cache is not None:
             stats["weights_sha256"] = get_model.sha256()
-            save_stats(cache, stats)
+            try:
+                save_stats(cache, stats)
+            except MetricsError as e:       # the cache only saves time next run: not worth failing for
+                note(f"warning: {e}; the reference statistics are not cached")
     return stats
 
 
@@ -614,11 +696,19 @@ def _draw_panel(draw, top, title, names, series, epoch_starts, font):
             draw.text((lx + 28, ly), k, fill="black", font=font)
 
 
-def plot_losses(csv_path, png_path):
-    """Draw losses.csv (columns step, epoch, then loss terms and diagnostics; blank cells are
-    skipped) as a PNG of PLOT_W x PANEL_H*panels pixels, one panel per group of quantities."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+def read_losses(csv_path):
+    """losses.csv (columns step, epoch, then loss terms and diagnostics; blank cells are skipped)
+    -> ({column: [(step, value), ...]} for columns with any finite number, epoch start steps).
+    A header-only file (a run stopped before its first log row) gives no series."""
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise MetricsError(f"{csv_path} does not exist; give the losses.csv of a run") from None
+    except IsADirectoryError:
+        raise MetricsError(f"{csv_path} is a folder; give the losses.csv of a run") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:    # binary file: UnicodeDecodeError
+        raise MetricsError(f"{csv_path} cannot be read as a CSV text file ({_reason(e)})") from None
     names = [k for k in (rows[0].keys() if rows else []) if k not in ("step", "epoch")]
     series, epoch_starts, last_epoch = {k: [] for k in names}, [], None
     for i, row in enumerate(rows):
@@ -637,17 +727,36 @@ def plot_losses(csv_path, png_path):
                 continue
             if math.isfinite(y):
                 series[k].append((x, y))
-    series = {k: v for k, v in series.items() if v}
+    return {k: v for k, v in series.items() if v}, epoch_starts
+
+
+def plot_losses(csv_path, png_path):
+    """Draw losses.csv (see read_losses) as a PNG of PLOT_W x PANEL_H*panels pixels, one panel
+    per group of quantities; a file with no numbers yet gives one empty panel ("no data yet")."""
+    return _draw_losses(*read_losses(csv_path), png_path)
+
+
+def _draw_losses(series, epoch_starts, png_path):
     panels = _group_panels(series)
     img = Image.new("RGB", (PLOT_W, PANEL_H * len(panels)), "white")
     draw, font = ImageDraw.Draw(img), _font()
     for i, (title, group) in enumerate(panels):
         _draw_panel(draw, i * PANEL_H, title, group, series, epoch_starts[:200], font)
-    png_path = pathlib.Path(png_path)
-    tmp = png_path.with_name(png_path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, png_path)
-    return png_path
+    _write_atomically(png_path, lambda f: img.save(f, format="PNG"), "the plot")
+    return pathlib.Path(png_path)
+
+
+def plot_csv(csv_path):
+    """--plot: redraw a losses.csv as a PNG beside it. Unlike plot_losses, which the training
+    scripts call at every epoch end, a file with nothing to plot is an error here: the user asked
+    for a picture of this very file."""
+    series, epoch_starts = read_losses(csv_path)
+    if not series:
+        raise MetricsError(f"{csv_path} has no rows of numbers to plot; give the losses.csv of a run "
+                           f"that has logged at least one step")
+    png_path = pathlib.Path(csv_path).with_suffix(".png")
+    check_writable(png_path, "the plot")
+    return _draw_losses(series, epoch_starts, png_path)
 
 
 # ------------------------------------------------------------------ command line
@@ -672,6 +781,19 @@ def print_table(rows):
         print(line(c))
 
 
+def print_results(rows, ref, args):
+    """The table (or --json) of rows [(spec, stats)], the reference set last."""
+    if args.json:
+        keys = ("is_mean", "is_std", "fid", "lapvar", "lapvar_std", "n")
+        out = {spec: {**{k: s.get(k) for k in keys}, "reference": False} for spec, s in rows}
+        if ref is not None:
+            out[args.ref if args.ref not in out else f"{args.ref} (reference)"] = {
+                **{k: ref.get(k) for k in keys if k != "fid"}, "fid": None, "reference": True}
+        print(json.dumps(out, indent=2))
+    else:
+        print_table(rows + ([(f"{args.ref} (reference)", {**ref, "fid": None})] if ref is not None else []))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -693,7 +815,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         if args.plot:
-            print(plot_losses(args.plot, pathlib.Path(args.plot).with_suffix(".png")))
+            print(plot_csv(args.plot))
             return
         if not args.samples:
             p.error("give at least one SAMPLES set (or --plot CSV)")
@@ -702,9 +824,11 @@ def main(argv=None):
         if args.save_stats and (len(args.samples) != 1 or args.lapvar_only):
             raise MetricsError("--save-stats takes exactly one SAMPLES set and needs the network "
                                "(not --lapvar-only)")
+        if args.save_stats:
+            check_writable(args.save_stats, "the statistics")
+        get_model = LazyInception(args.weights, args.device)     # a bad --device fails here
         specs = args.samples + ([args.ref] if args.ref else [])
         opened = {spec: open_set(spec, args) for spec in specs}  # bad paths fail before long work
-        get_model = LazyInception(args.weights, args.device)
         ref = evaluate_set(args.ref, opened[args.ref], args, get_model) if args.ref else None
         rows = []
         for spec in args.samples:
@@ -714,18 +838,10 @@ def main(argv=None):
                 note(f"{spec}: FID against {args.ref} (a {ref['mu'].size}x{ref['mu'].size} matrix square root)")
                 stats["fid"] = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"])
             rows.append((spec, stats))
+        print_results(rows, ref, args)                           # first: a failing write loses nothing
         if args.save_stats:
             save_stats(args.save_stats, rows[0][1])
             note(f"saved FID statistics of {args.samples[0]} to {args.save_stats}")
-        if args.json:
-            keys = ("is_mean", "is_std", "fid", "lapvar", "lapvar_std", "n")
-            out = {spec: {**{k: s.get(k) for k in keys}, "reference": False} for spec, s in rows}
-            if ref is not None:
-                out[args.ref if args.ref not in out else f"{args.ref} (reference)"] = {
-                    **{k: ref.get(k) for k in keys if k != "fid"}, "fid": None, "reference": True}
-            print(json.dumps(out, indent=2))
-        else:
-            print_table(rows + ([(f"{args.ref} (reference)", {**ref, "fid": None})] if ref is not None else []))
     except (MetricsError, data.DataError) as e:
         sys.exit(f"error: {e}")
 

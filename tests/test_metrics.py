@@ -3,6 +3,7 @@ the weight-file format, the feature pass, the CLI and the loss plot. CPU only, n
 Inception weights are random, in the format of pytorch-fid's pt_inception-2015-12-05-6726825d.pth."""
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -68,6 +69,49 @@ def make_folder(path, n, seed, size=12, mode="RGB"):
 def run_cli(capsys, *argv):
     metrics.main([str(a) for a in argv])
     return capsys.readouterr()
+
+
+def cli_error(capsys, *argv):
+    """The message of a CLI run that must fail: one line 'error: ...', a non-zero exit."""
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, *argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg  # exit status 1
+    return msg
+
+
+@pytest.fixture
+def no_feature_pass(monkeypatch):
+    """For errors that must come before the (long) Inception pass."""
+    monkeypatch.setattr(metrics, "compute_features", lambda *a, **k: pytest.fail("the feature pass ran"))
+
+
+class OnDevice(torch.Tensor):
+    """Stands for a tensor on an accelerator without float64 (MPS): every op that gives a float64
+    result on it is recorded; .cpu() leaves the "device" (a plain tensor from there on)."""
+    float64_ops = []
+
+    def cpu(self):
+        return self.as_subclass(torch.Tensor)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+            cls.float64_ops.append(func.__name__)
+        return out
+
+
+class StubInception:
+    """Stands for the network where only the plumbing around it is tested: records the input
+    shapes; outputs of the right shapes, "on the device"."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x):
+        self.calls.append(tuple(x.shape))
+        return torch.rand(len(x), 2048).as_subclass(OnDevice), torch.rand(len(x), 1008).as_subclass(OnDevice)
 
 
 # ------------------------------------------------------------------ FID
@@ -253,6 +297,52 @@ def test_feature_pass_gray_mixed_sizes_corrupt(model, tmp_path, capsys):
     np.testing.assert_allclose(one_channel["pool3"][0], out["pool3"][0], rtol=1e-5, atol=1e-6)
 
 
+def test_feature_pass_copies_each_batch_to_the_device_once(monkeypatch, tmp_path):
+    transfers, real_to = [], torch.Tensor.to
+
+    def spy(self, *args, **kwargs):                          # .to(device), not .to(dtype)
+        if "device" in kwargs or any(isinstance(a, (str, torch.device)) for a in args):
+            transfers.append(tuple(self.shape))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    images = torch.randint(0, 256, (7, 1, 8, 8), dtype=torch.uint8)
+    stub = StubInception()
+    out = metrics.compute_features(images, stub, batch_size=3, lapvar=True, progress=False)
+    assert out["n"] == 7 and stub.calls == [(3, 3, 8, 8), (3, 3, 8, 8), (1, 3, 8, 8)]
+    assert len(transfers) == 3                                   # one per batch, not one per image
+    make_folder(tmp_path / "a", 3, 0, size=8)                    # different sizes: each resized alone
+    make_folder(tmp_path / "b", 2, 1, size=10, mode="L")
+    transfers.clear()
+    files = sorted((tmp_path / "a").glob("*.png")) + sorted((tmp_path / "b").glob("*.png"))
+    out = metrics.compute_features(files, stub, batch_size=4, progress=False)
+    assert out["n"] == 5 and len(transfers) == 2
+
+
+def test_feature_pass_without_tf32_and_flags_restored(model, small_network):
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    saved, seen = flags(), []
+    handle = model.register_forward_pre_hook(lambda module, inputs: seen.append(flags()))
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as a training script may
+        metrics.compute_features(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), model, batch_size=2, progress=False)
+        assert seen == [(False, False)] * 2 and flags() == (True, True)
+        with pytest.raises(ZeroDivisionError):                  # restored after a failure as well
+            metrics.compute_features(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), lambda x: 1 / 0, progress=False)
+        assert flags() == (True, True)
+    finally:
+        handle.remove()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_feature_pass_makes_float64_on_the_cpu_only():
+    OnDevice.float64_ops.clear()
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    out = metrics.compute_features(images, StubInception(), batch_size=2, lapvar=True, progress=False)
+    assert out["pool3"].dtype == np.float64 and out["pool3"].shape == (4, 2048)
+    assert OnDevice.float64_ops == []                            # MPS has no float64
+
+
 # ------------------------------------------------------------------ command line
 
 def test_cli_save_stats_npz_several_folders_json(small_network, weights_file, tmp_path, capsys):
@@ -332,6 +422,85 @@ def test_cli_errors_are_one_sentence(weights_file, tmp_path, capsys):
     assert str(e.value.code).startswith("error: the weights file") and "--weights" in str(e.value.code)
 
 
+# Tests run as root, for whom read-only permission bits do not stop a write: the unwritable paths
+# lie under a regular file, are folders, or are in /proc.
+@pytest.mark.parametrize("where", ["under_a_file", "deeper_under_a_file", "a_folder", "proc"])
+def test_cli_unwritable_save_stats_fails_before_the_pass(where, no_feature_pass, weights_file, tmp_path, capsys):
+    make_folder(tmp_path / "a", 2, 0)
+    (tmp_path / "file.txt").write_text("x")
+    out = {"under_a_file": tmp_path / "file.txt" / "stats.npz", "a_folder": tmp_path / "a",
+           "deeper_under_a_file": tmp_path / "file.txt" / "sub" / "stats.npz",
+           "proc": pathlib.Path("/proc/self/stats.npz")}[where]
+    if where == "proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc on this system")
+    msg = cli_error(capsys, tmp_path / "a", "--save-stats", out, "--weights", weights_file, "--device", "cpu")
+    assert msg.startswith(f"error: cannot write the statistics to {out}")
+
+
+def test_cli_results_are_printed_before_a_late_write_fails(small_network, weights_file, tmp_path, capsys,
+                                                          monkeypatch):
+    make_folder(tmp_path / "a", 3, 0)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(SystemExit) as e:
+        metrics.main([str(tmp_path / "a"), "--save-stats", str(tmp_path / "s.npz"), "--json",
+                      "--weights", str(weights_file), "--device", "cpu"])
+    assert e.value.code == (f"error: cannot write the statistics file {tmp_path / 's.npz'} "
+                            f"(OSError: No space left on device)")
+    assert json.loads(capsys.readouterr().out)[str(tmp_path / "a")]["n"] == 3
+    assert list(tmp_path.glob("s.npz*")) == []                  # no temporary file left behind
+
+
+def test_cli_unwritable_reference_cache_is_a_warning(small_network, weights_file, tmp_path, capsys):
+    a = make_folder(tmp_path / "a", 10, 1)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cache").write_text("a file where the cache folder would be")
+    out = run_cli(capsys, a, "--ref", "fake", "--n", 10, "--json", "--weights", weights_file, "--device", "cpu",
+                  "--data-root", tmp_path / "data")
+    assert json.loads(out.out)[str(a)]["fid"] > 0
+    assert "warning: cannot write the statistics file" in out.err and "not cached" in out.err
+
+
+@pytest.mark.parametrize("device,expected", [
+    ("nonsense", "is not a device"), ("cuda:x", "is not a device"),
+    pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param("mps", "MPS is not available", marks=pytest.mark.skipif(
+        torch.backends.mps.is_available(), reason="this machine has MPS")),
+])
+def test_cli_bad_device_is_one_sentence(device, expected, no_feature_pass, weights_file, tmp_path, capsys):
+    make_folder(tmp_path / "a", 2, 0)
+    assert expected in cli_error(capsys, tmp_path / "a", "--device", device, "--weights", weights_file)
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"", "is not a .npz file"),
+    (b"mu,sigma\n1,2\n", "is not a .npz file"),
+    ("npy", "is not a .npz file"),                               # one .npy array, renamed
+    ("no_mu", "no 'mu' and 'sigma' arrays"),
+    ("strings", "mu and sigma are not numbers"),
+])
+def test_cli_bad_statistics_file_is_one_sentence_before_any_pass(content, expected, no_feature_pass,
+                                                                 weights_file, tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    if content == "npy":
+        np.save(tmp_path / "x.npy", np.zeros(3))
+        (tmp_path / "x.npy").rename(bad)
+    elif content == "no_mu":
+        np.savez(bad, mean=np.zeros(3), cov=np.eye(3))
+    elif content == "strings":
+        np.savez(bad, mu=np.array(["a"]), sigma=np.array([["b"]]))
+    else:
+        bad.write_bytes(content)
+    make_folder(tmp_path / "a", 2, 0)
+    common = ["--weights", weights_file, "--device", "cpu"]
+    assert expected in cli_error(capsys, tmp_path / "a", "--ref", bad, *common)
+    assert expected in cli_error(capsys, tmp_path / "a", bad, *common)     # after a folder: still first
+
+
 # ------------------------------------------------------------------ loss plot
 
 def test_plot_losses_writes_png_with_blank_cells(tmp_path, capsys):
@@ -347,3 +516,35 @@ def test_plot_losses_writes_png_with_blank_cells(tmp_path, capsys):
         assert len(img.getcolors(1 << 16)) > 10          # something was drawn
     run_cli(capsys, "--plot", tmp_path / "losses.csv")   # the CLI redraws beside the csv
     assert (tmp_path / "losses.png").is_file()
+
+
+def test_plot_losses_of_a_header_only_csv_draws_an_empty_panel(tmp_path):
+    # the training scripts redraw at every epoch end; a run stopped before its first log row has
+    # only the header, and that must not crash the script
+    (tmp_path / "losses.csv").write_text("step,epoch,loss_D,loss_G\n")
+    png = metrics.plot_losses(tmp_path / "losses.csv", tmp_path / "losses.png")
+    with Image.open(png) as img:
+        assert img.size == (metrics.PLOT_W, metrics.PANEL_H)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "does not exist"),
+    ("folder", "is a folder"),
+    ("binary", "cannot be read as a CSV text file"),
+    ("empty", "has no rows of numbers"),
+    ("header_only", "has no rows of numbers"),
+    ("text", "has no rows of numbers"),                          # rows, but no numbers
+    ("png_is_a_folder", "cannot write the plot"),
+])
+def test_cli_plot_errors_are_one_sentence(case, expected, tmp_path, capsys):
+    csv_path = tmp_path / "losses.csv"
+    contents = {"binary": bytes(range(256)) * 4, "empty": b"", "header_only": b"step,epoch,loss_D\n",
+                "text": b"hello world\nnot a losses file\n", "png_is_a_folder": b"step,epoch,loss\n1,0,0.5\n"}
+    if case == "folder":
+        csv_path.mkdir()
+    elif case in contents:
+        csv_path.write_bytes(contents[case])
+    if case == "png_is_a_folder":
+        (tmp_path / "losses.png").mkdir()
+    assert expected in cli_error(capsys, "--plot", csv_path)
+    assert not (tmp_path / "losses.png").is_file() and not list(tmp_path.glob("*.tmp"))   # nothing drawn
