@@ -206,6 +206,8 @@ def check_args(args, ckpt, device, ddp, rank):
             sys.exit(f"error: {flag} cannot be negative, got {v}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         sys.exit(f"error: --lr must be a positive number, got {args.lr}")
+    if not 0 <= args.beta1 < 1:  # also refuses nan
+        sys.exit(f"error: --beta1 must be in [0, 1), got {args.beta1}")
     if args.img_size is not None and args.img_size < 1:
         sys.exit(f"error: --img-size must be a positive power of two, got {args.img_size}")
     if ddp and args.sync_bn and device.type != "cuda":  # else DDP raises from inside PyTorch
@@ -236,7 +238,7 @@ def check_size(args, device):
     outputs = []
     try:
         with torch.device("meta"):
-            G, D = build({**vars(args), "img_size": args.img_size or 64, "channels": args.channels or 3})
+            G, D = build({**vars(args), "channels": args.channels or 3})
             for m in (m for net in (G, D) for m in net.modules() if not list(m.children())):
                 m.register_forward_hook(lambda m, i, out: outputs.append(out.numel()))
             D(G(torch.zeros(args.batch_size, args.latent_dim)))
@@ -393,6 +395,8 @@ def main(argv=None):
     # A resumed run continues in its checkpoint's folder, wherever that folder has moved.
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                             os.path.join("runs", f"dcgan-{os.path.basename(os.path.normpath(args.data))}"))
+    if args.img_size is None:
+        args.img_size = 64 if args.data == "celeba" else 32
     check_args(args, ckpt, device, ddp, rank)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -401,7 +405,6 @@ def main(argv=None):
     # Channels-last (NHWC) convolutions are faster with cuDNN and with the CPU's oneDNN alike
     # (CPU, dcgan at 64x64: about 1.2x); MPS keeps the default layout.
     memory_format = torch.channels_last if device.type in ("cuda", "cpu") else torch.contiguous_format
-    args.img_size = args.img_size or (64 if args.data == "celeba" else 32)
     torch.manual_seed(args.seed + rank)
     epoch, batch, step = (ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]) if ckpt else (0, 0, 0)
     train = epoch < args.epochs

@@ -12,17 +12,21 @@ as the vanilla-GAN-vs-DCGAN report used them.
 """
 import argparse
 import csv
+import math
 import os
+import pickle
 import signal
 import sys
+import tempfile
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 import torchvision.utils as vutils
-from torchvision.transforms.functional import to_pil_image
 
 import data
 import metrics
@@ -67,9 +71,7 @@ def build(cfg):
 
 def load_model(path, device="cpu"):
     """The generator of an mlp_gan.py checkpoint, in eval mode (call it on B x latent_dim)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if ckpt.get("script") != "mlp_gan":
-        raise ValueError(f"{path} was written by {ckpt.get('script')!r}, not mlp_gan.py")
+    ckpt = read_checkpoint(path)  # ValueError with one sentence if it is not an mlp_gan.py checkpoint
     G, _ = build(ckpt["args"])
     G.load_state_dict(ckpt["G"])
     return G.to(device).eval()
@@ -86,6 +88,7 @@ def bce(logits, target):
 
 
 # -----------------------------------------------------------------------------
+# Settings: parsed, completed from a checkpoint, then checked in one place before any work.
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -102,7 +105,7 @@ def get_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (the paper lowers it from 0.9)")
     p.add_argument("--lr-decay", default="none", choices=["none", "linear"], help="linear: decay to 0 over the run")
     p.add_argument("--latent-dim", type=int, default=100, help="size of z")
-    p.add_argument("--out", default=None, help="output folder; default runs/mlp_gan-<data>")
+    p.add_argument("--out", default=None, help="output folder; default runs/mlp_gan-<data>, or the --resume checkpoint's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -111,14 +114,34 @@ def get_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all ranks")
     p.add_argument("--resume", default=None, help="ckpt.pt to continue from; flags not given again come from it")
     p.add_argument("--sample", type=int, default=0, help="after training, write this many single PNGs to OUT/samples/")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
-    args = p.parse_args(argv)
-    return p, args
+    return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
-RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps"}
+RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out"}
+# Flags that fix the networks' shapes: a checkpoint only fits networks built with its own.
+SHAPE_FLAGS = ["latent_dim", "channels", "img_size"]
+
+
+def read_checkpoint(path):
+    """The dict an mlp_gan.py run saved, or ValueError with one sentence saying why `path` is not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"the checkpoint {path} does not exist (or is not a file)")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a checkpoint; it was cut off while being written or copied")
+    try:  # weights_only: tensors and plain containers only, so loading can never run code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # PyTorch refused an object; never pass on its advice to lift that guard
+        raise ValueError(f"{path} is not a checkpoint written by this project's scripts and may be unsafe "
+                         "to load; nothing in it was run") from None
+    except Exception as e:  # noqa: BLE001  (a text file, a truncated zip, ...)
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "mlp_gan":
+        script = ckpt.get("script") if isinstance(ckpt, dict) else None
+        raise ValueError(f"{path} was not written by mlp_gan.py (script: {script!r}); use that script with it")
+    return ckpt
 
 
 def restore_args(p, args, ckpt):
@@ -128,221 +151,333 @@ def restore_args(p, args, ckpt):
             setattr(args, k, v)
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file and rename it into place: a crash never leaves a torn file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def main(argv=None):
-    p, args = get_args(argv)
-
-    # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python mlp_gan.py` is rank 0 of 1.
-    ddp = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = pick_device(args.device)
-    if ddp and device.type == "cuda":
+def pick_device(name, ddp):
+    try:  # "auto": cuda, then mps, then cpu; a device that is not there is one sentence
+        device = metrics.resolve_device(name)
+    except metrics.MetricsError as e:
+        sys.exit(f"error: {e}")
+    if ddp and device.type == "cuda":  # torchrun: one GPU per process
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log = print if rank == 0 else (lambda *a, **k: None)
+    return device
 
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-        except Exception as e:  # missing, truncated or not a checkpoint at all
-            sys.exit(f"error: cannot read checkpoint {args.resume}: {e}")
-        if not isinstance(ckpt, dict) or ckpt.get("script") != "mlp_gan":
-            sys.exit(f"error: {args.resume} was not written by mlp_gan.py "
-                     f"(script: {ckpt.get('script') if isinstance(ckpt, dict) else '?'}); use that script to resume it")
-        restore_args(p, args, ckpt)
+
+def check_args(args, ckpt, device, ddp, rank):
+    """Every flag, in one place, before any data is read or network built: one sentence each."""
+    for flag, v in {"--batch-size": args.batch_size, "--latent-dim": args.latent_dim,
+                    "--log-every": args.log_every}.items():
+        if v < 1:
+            sys.exit(f"error: {flag} must be at least 1, got {v}")
+    for flag, v in {"--epochs": args.epochs, "--sample": args.sample, "--max-steps": args.max_steps,
+                    "--crop": args.crop or 0}.items():
+        if v < 0:
+            sys.exit(f"error: {flag} cannot be negative, got {v}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        sys.exit(f"error: --lr must be a positive number, got {args.lr}")
+    if not 0 <= args.beta1 < 1:  # also false for NaN
+        sys.exit(f"error: --beta1 must be in [0, 1), got {args.beta1}")
+    if args.img_size < 1:
+        sys.exit(f"error: --img-size must be a positive number of pixels, got {args.img_size}")
+    world = int(os.environ["WORLD_SIZE"]) if ddp else 1
+    if args.batch_size // world < 2:  # BatchNorm1d normalises each feature over the batch
+        sys.exit(f"error: --batch-size {args.batch_size} leaves fewer than 2 images per rank, too few for the "
+                 f"generator's BatchNorm; use at least {2 * world}")
     if ddp and args.sync_bn and device.type != "cuda":  # else DDP raises from inside PyTorch
         sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
                  "drop --sync-bn to keep BatchNorm per rank")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    args.out = args.out or os.path.join("runs", f"mlp_gan-{os.path.basename(os.path.normpath(args.data))}")
-    torch.manual_seed(args.seed + rank)
+    check_size(args, device)
+    done = ckpt["epoch"] if ckpt else 0
+    if args.epochs <= done and not args.sample:
+        sys.exit(f"error: nothing to train: {f'{args.resume} has finished {done} epochs' if ckpt else '--epochs is 0'} "
+                 f"and no --sample was asked for; raise --epochs to train on")
+    for k in SHAPE_FLAGS if ckpt else []:  # a flag given again that changes a network's shape
+        if ckpt["args"].get(k) is not None and getattr(args, k) not in (None, ckpt["args"][k]):
+            flag = "--" + k.replace("_", "-")
+            sys.exit(f"error: {args.resume} was trained with {flag} {ckpt['args'][k]}, which {flag} "
+                     f"{getattr(args, k)} does not fit; drop {flag} to use the checkpoint's")
+    if rank == 0:  # an output folder that cannot be written is found now, not after the first epoch
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.out).close()
+        except OSError as e:
+            sys.exit(f"error: cannot write to the output folder {args.out} ({e.strerror or e}); choose another --out")
 
-    # Data: decoded once into a uint8 cache, then served as [-1, 1] batches on the device.
-    train = args.epochs > (ckpt["epoch"] if ckpt else 0)
+
+def check_size(args, device):
+    """Refuse what cannot fit before allocating any of it: a dry run on the meta device (shapes
+    only, no memory) counts the parameters, 4 float32 copies each (weights, gradients, Adam's two
+    moments), and every layer's output for one batch (kept for the backward pass)."""
+    outputs = []
+    with torch.device("meta"):
+        G, D = build({**vars(args), "channels": args.channels or 3})
+        for m in (m for net in (G, D) for m in net.modules() if not list(m.children())):
+            m.register_forward_hook(lambda m, i, out: outputs.append(out.numel()))
+        D(G(torch.zeros(args.batch_size, args.latent_dim)))
+    need = 4 * (4 * sum(p.numel() for net in (G, D) for p in net.parameters()) + sum(outputs))
+    have = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        sys.exit(f"error: training at --img-size {args.img_size} with --batch-size {args.batch_size} needs about "
+                 f"{need / 2**30:.0f} GiB but the {device.type} device has {have / 2**30:.0f} GiB; "
+                 "lower --img-size or --batch-size")
+
+
+# -----------------------------------------------------------------------------
+# Networks, optimizers and the checkpoint: the one place that saves and loads them.
+
+def make_networks(args, ckpt, device, memory_format=torch.contiguous_format):
+    """G and D with the checkpoint's weights on the device, then their Adam optimizers. The
+    optimizer state is loaded only once the parameters have their final device, dtype and memory
+    layout: Adam's moments must match all three (the fused CUDA kernels check). memory_format is
+    dcgan.py's argument; .to() applies it to 4-D weights only, and a Linear layer's are 2-D."""
+    G, D = build(vars(args))  # PyTorch's default initialisation, as the reference implementations
+    if ckpt:
+        G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
+    G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
+    # Adam with beta1 = 0.5, the DCGAN setting the reports used for both GANs. One fused kernel
+    # per step on CUDA, foreach elsewhere.
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optG = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999), **fused)
+    optD = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999), **fused)
+    if ckpt:
+        load_optimizer(optG, ckpt["optG"]), load_optimizer(optD, ckpt["optD"])
+    return G, D, optG, optD
+
+
+def load_optimizer(opt, state):
+    opt.load_state_dict(state)  # moves each state tensor to its parameter's device and dtype ...
+    for group in opt.param_groups:  # ... but keeps the saved strides: re-lay them as the parameter's
+        for p in group["params"]:
+            for k, v in opt.state[p].items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p).copy_(v)
+
+
+def save_checkpoint(path, G, D, optG, optD, args, epoch, batch, step, fixed_z):
+    """ckpt.pt: where the run stands (epoch = whole epochs done, batch = batches done in the next),
+    written to a temporary file and renamed: a crash or a full disk never tears the old one."""
+    state = {"script": "mlp_gan", "args": vars(args), "epoch": epoch, "batch": batch, "step": step,
+             "G": G.state_dict(), "D": D.state_dict(), "optG": optG.state_dict(), "optD": optD.state_dict(),
+             "fixed_z": fixed_z.cpu()}
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: PyTorch's zip writer on a full disk
+        if os.path.lexists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was saved"
+        sys.exit(f"error: could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                 f"{kept}. Free some disk space, then resume")
+
+
+# -----------------------------------------------------------------------------
+# The paper's training step, Algorithm 1 of Goodfellow et al. with one D step per G step.
+
+def train_step(nets, optG, optD, real, args, amp):
+    z = torch.randn(real.shape[0], args.latent_dim, device=real.device)
+
+    # (1) D step: maximise log D(x) + log(1 - D(G(z))). Both terms are summed before one
+    # backward, so DDP reduces D's gradients once.
+    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
+        fake = nets.G_train(z)                                       # B x C x H x W
+        out_real, out_fake = nets.D_train(real), nets.D_train(fake.detach())  # B logits each
+        loss_d_real, loss_d_fake = bce(out_real, 1.0), bce(out_fake, 0.0)
+        loss_d = loss_d_real + loss_d_fake
+    optD.zero_grad(set_to_none=True)
+    loss_d.backward()
+    optD.step()
+
+    # (2) G step: maximise log D(G(z)), reusing the same fake batch. D's parameters are frozen
+    # so no gradient is computed for them (and D runs without DDP: no reduction wanted).
+    nets.D.requires_grad_(False)
+    with torch.autocast(real.device.type, dtype=torch.bfloat16, enabled=amp):
+        out_g = nets.D_for_G(fake)
+        loss_g = bce(out_g, 1.0)
+    optG.zero_grad(set_to_none=True)
+    loss_g.backward()
+    optG.step()
+    nets.D.requires_grad_(True)
+    # D(x) and D(G(z)) before/after D's step are mean probabilities: sigmoid of the logits.
+    return [loss_d, loss_d_real, loss_d_fake, loss_g] + \
+        [torch.sigmoid(o.detach().float()).mean() for o in (out_real, out_fake, out_g)]
+
+
+# -----------------------------------------------------------------------------
+# The loss log: one row per logged step.
+
+COLUMNS = ["step", "epoch", "loss_d", "loss_d_real", "loss_d_fake", "loss_g",
+           "D(x)", "D(G(z))_before", "D(G(z))_after", "img_per_s"]
+
+
+def start_log(path, after_step=None):
+    """losses.csv with its header. On resume (after_step: the checkpoint's step) the old rows are
+    kept up to that step: rows a killed run logged after its last checkpoint would come twice."""
+    rows = []
+    if after_step is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= after_step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([COLUMNS] + rows)
+
+
+# -----------------------------------------------------------------------------
+# Stopping: Ctrl-C (SIGINT) and SIGTERM (what torchrun sends its workers on Ctrl-C) only raise a
+# flag; the step in flight finishes, the checkpoint is saved and the run exits with 128 + signal.
+# NaN/inf losses stop it too, keeping the last good checkpoint. All ranks agree at log steps.
+
+def catch_stop_signals():
+    caught, previous = [], {}
+
+    def handler(signum, _frame):
+        caught.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    for s in (signal.SIGINT, signal.SIGTERM):
+        previous[s] = signal.signal(s, handler)
+    return caught, previous
+
+
+def agree_to_stop(bad, caught, ddp, ckpt_path, where):
+    """The one host sync: any rank's non-finite loss or stop signal, known to every rank."""
+    flags = torch.stack([bad.float(), torch.tensor(float(caught[0] if caught else 0), device=bad.device)])
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, signum = flags.tolist()
+    if nonfinite:
+        kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was saved"
+        sys.exit(f"error: the losses became NaN/inf {where}; stopping: {kept} (try a lower --lr)")
+    return int(signum)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    # --- Setup: flags (completed from the checkpoint), device, ranks, everything checked.
+    p, args = get_args(argv)
+    try:
+        ckpt = read_checkpoint(args.resume) if args.resume else None
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if ckpt:
+        restore_args(p, args, ckpt)
+    ddp = "RANK" in os.environ  # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = pick_device(args.device, ddp)
+    # A resumed run continues in its checkpoint's folder, wherever that folder has moved.
+    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                            os.path.join("runs", f"mlp_gan-{os.path.basename(os.path.normpath(args.data))}"))
+    if args.img_size is None:  # the dataset's own size (a folder of images: data.py's default)
+        args.img_size = data.DEFAULT_IMG_SIZE.get(args.data, data.FOLDER_IMG_SIZE)
+    check_args(args, ckpt, device, ddp, rank)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
+    torch.manual_seed(args.seed + rank)
+    epoch, batch, step = (ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]) if ckpt else (0, 0, 0)
+    train = epoch < args.epochs
+
+    # --- Data: decoded once into a uint8 cache, then served as [-1, 1] batches on the device.
+    loader = None
     if train:
         try:
             ds = data.load(args.data, root=args.data_root, split="train", img_size=args.img_size,
                            channels=args.channels, crop=args.crop)
+            args.channels = ds.images.shape[1]
+            loader = data.Loader(ds.images, args.batch_size, device, seed=args.seed, flip=args.flip,
+                                 rank=rank, world_size=world)
         except data.DataError as e:
             sys.exit(f"error: {e}")
-        args.img_size, args.channels = ds.images.shape[-1], ds.images.shape[1]
-        loader = data.Loader(ds.images, args.batch_size, device, seed=args.seed, flip=args.flip,
-                             rank=rank, world_size=world)
-        if len(loader) == 0:
-            sys.exit(f"error: {len(ds.images)} images is less than one batch of {args.batch_size}; lower --batch-size")
-    else:
-        args.img_size = args.img_size or data.DEFAULT_IMG_SIZE.get(args.data, 64)  # sampling only:
-        args.channels = args.channels or 1                                      # the checkpoint says
+    args.channels = args.channels or 1  # sampling only: the checkpoint normally says
     log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
 
-    # Models and optimisers: Adam with beta1 = 0.5, the DCGAN setting the reports used for both GANs.
-    G, D = build(vars(args))  # PyTorch's default initialisation, as the reference implementations
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optG = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(args.beta1, 0.999), **fused)
-    optD = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(args.beta1, 0.999), **fused)
-    fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    epoch, step = 0, 0
-    if ckpt:
-        try:
-            G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
-            optG.load_state_dict(ckpt["optG"]), optD.load_state_dict(ckpt["optD"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            sys.exit(f"error: {args.resume} does not fit these settings ({str(e).splitlines()[0]}); "
-                     "drop the conflicting flags to use the checkpoint's own")
-        epoch, step, fixed_z = ckpt["epoch"], ckpt["step"], ckpt["fixed_z"]
-        log(f"resumed from {args.resume}: epoch {epoch}, step {step}")
-    G.to(device), D.to(device)
-    fixed_z = fixed_z.to(device)
+    # --- Networks: G and D (plain, for the checkpoint and sampling) and the copies that train:
+    # DDP averages gradients over ranks (BatchNorm stays per rank unless --sync-bn), and
+    # torch.compile fuses kernels. Linear layers have no memory format to choose.
+    G, D, optG, optD = make_networks(args, ckpt, device)
+    fixed_z = (ckpt["fixed_z"] if ckpt else
+               torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))).to(device)
     log(f"G: {sum(p.numel() for p in G.parameters()):,} parameters   "
         f"D: {sum(p.numel() for p in D.parameters()):,} parameters")
-
-    # Wrapped copies for training: DDP averages gradients over ranks (BatchNorm stays
-    # per-rank unless --sync-bn), torch.compile fuses kernels. G_net/D_net stay plain.
-    G_net, D_net = G, D
+    if ckpt:
+        log(f"resumed from {args.resume}: epoch {epoch + 1}, batch {batch}, step {step}")
+    if ddp and args.sync_bn:
+        G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
+    nets = SimpleNamespace(G=G, D=D, G_train=G, D_train=D, D_for_G=D)
     if ddp:
-        if args.sync_bn:
-            G, D = nn.SyncBatchNorm.convert_sync_batchnorm(G), nn.SyncBatchNorm.convert_sync_batchnorm(D)
-            G_net, D_net = G, D
-        G = nn.parallel.DistributedDataParallel(G, device_ids=[device] if device.type == "cuda" else None)
-        D = nn.parallel.DistributedDataParallel(D, device_ids=[device] if device.type == "cuda" else None)
-    D_for_G = D_net  # the G step runs D without DDP: D's gradients are not wanted there
+        ids = [device] if device.type == "cuda" else None
+        nets.G_train, nets.D_train = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
     if args.compile:
-        G, D, D_for_G = torch.compile(G), torch.compile(D), torch.compile(D_net)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+        nets.G_train, nets.D_train, nets.D_for_G = map(torch.compile, (nets.G_train, nets.D_train, D))
 
-    def save_checkpoint(done_epochs):
-        save_atomic({"script": "mlp_gan", "args": vars(args), "epoch": done_epochs, "step": step,
-                     "G": G_net.state_dict(), "D": D_net.state_dict(),
-                     "optG": optG.state_dict(), "optD": optD.state_dict(),
-                     "fixed_z": fixed_z.cpu()}, os.path.join(args.out, "ckpt.pt"))
-
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "losses.csv")
-    columns = ["step", "epoch", "loss_d", "loss_d_real", "loss_d_fake", "loss_g",
-               "D(x)", "D(G(z))_before", "D(G(z))_after", "img_per_s"]
-    if rank == 0 and (not ckpt or not os.path.exists(csv_path)):
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(columns)
-
-    total_steps = args.epochs * len(loader) if train else 0
-    stop = interrupted = False
-
-    def on_ctrl_c(*_):  # finish the current step, save, exit; a second Ctrl-C kills at once
-        nonlocal interrupted
-        interrupted = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, on_ctrl_c)
-
-    def check_finite(where):  # one host sync, only at log steps and epoch ends
-        flag = bad.float()
-        if ddp:  # every rank stops together, so none is left waiting in an all-reduce
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            sys.exit(f"error: the losses became NaN/inf {where}; stopping. The last good checkpoint is "
-                     f"{os.path.join(args.out, 'ckpt.pt')} (try a lower --lr)")
+    # --- Training: epochs of the paper's step, logged to losses.csv; each epoch (or the run,
+    # when it stops early) ends with a grid of the fixed z, the loss plot and the checkpoint.
+    ckpt_path, csv_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "losses.csv")
+    if rank == 0 and train:
+        start_log(csv_path, after_step=step if ckpt else None)
+    caught, previous_handlers = catch_stop_signals()
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
-    while train and epoch < args.epochs and not stop:
+    n = len(loader) if train else 1  # batches per epoch
+    signum = 0
+    while train and epoch < args.epochs and not signum:
         G.train(), D.train()
-        t0, seen = time.perf_counter(), 0
-        for real in loader.epoch(epoch):  # real: B x C x S x S in [-1, 1], already on the device
-            b = real.shape[0]
-            if args.lr_decay == "linear":  # lr_t = lr * (1 - t / T), the CIFAR-10 report
+        t0, seen, first = time.perf_counter(), 0, min(batch, n)
+        for batch, real in enumerate(loader.epoch(epoch, start=first), start=first):  # B x C x H x W
+            if args.lr_decay == "linear":  # lr_t = lr (1 - t / T) over the run, the CIFAR-10 report
                 for opt in (optG, optD):
-                    opt.param_groups[0]["lr"] = args.lr * (1 - step / total_steps)
-            z = torch.randn(b, args.latent_dim, device=device)
-
-            # (1) D step: maximise log D(x) + log(1 - D(G(z))). Both terms are summed
-            # before one backward, so DDP reduces D's gradients once.
-            with autocast():
-                fake = G(z)
-                out_real, out_fake = D(real), D(fake.detach())
-                loss_d_real, loss_d_fake = bce(out_real, 1.0), bce(out_fake, 0.0)
-                loss_d = loss_d_real + loss_d_fake
-            optD.zero_grad(set_to_none=True)
-            loss_d.backward()
-            optD.step()
-
-            # (2) G step: maximise log D(G(z)), reusing the same fake batch.
-            # D's parameters are frozen so no gradient is computed for them.
-            D_net.requires_grad_(False)
-            with autocast():
-                out_g = D_for_G(fake)
-                loss_g = bce(out_g, 1.0)
-            optG.zero_grad(set_to_none=True)
-            loss_g.backward()
-            optG.step()
-            D_net.requires_grad_(True)
-
-            step += 1
-            seen += b * world
-            # Only a flag on the device: no host synchronisation inside the step.
-            bad |= ~torch.isfinite(loss_d.detach() + loss_g.detach())
-            stop = bool(args.max_steps and step >= args.max_steps) or interrupted
-            if step % args.log_every == 0 or stop:
-                check_finite(f"by step {step}")
+                    opt.param_groups[0]["lr"] = args.lr * (1 - (epoch * n + batch) / (args.epochs * n))
+            losses = train_step(nets, optG, optD, real, args, args.amp)
+            step, seen = step + 1, seen + real.shape[0] * world
+            bad |= ~torch.isfinite(losses[0].detach() + losses[3].detach())  # a flag on the device, no sync
+            at_max = bool(args.max_steps and step >= args.max_steps)
+            if step % args.log_every == 0 or at_max or (caught and not ddp):
+                signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"by step {step}")
                 rate = seen / (time.perf_counter() - t0)
-                eta = (total_steps - step) * b * world / rate
-                # D(x) and D(G(z)) are mean probabilities: sigmoid of the logits.
-                row = [step, epoch + 1, loss_d.item(), loss_d_real.item(), loss_d_fake.item(), loss_g.item(),
-                       torch.sigmoid(out_real.float()).mean().item(),
-                       torch.sigmoid(out_fake.float()).mean().item(),
-                       torch.sigmoid(out_g.float()).mean().item(), rate]
-                log(f"[{epoch + 1}/{args.epochs}][{step}/{total_steps}] Loss_D {row[2]:.4f} Loss_G {row[5]:.4f} "
-                    f"D(x) {row[6]:.4f} D(G(z)) {row[7]:.4f} / {row[8]:.4f}  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
+                row = [step, epoch + 1] + [v.item() for v in losses] + [rate]
+                eta = (args.epochs * n - epoch * n - batch - 1) * real.shape[0] * world / rate
+                log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} Loss_D {row[2]:.4f} "
+                    f"Loss_G {row[5]:.4f} D(x) {row[6]:.4f} D(G(z)) {row[7]:.4f} / {row[8]:.4f}  "
+                    f"{rate:.0f} img/s  ETA {eta / 60:.1f} min")
                 if rank == 0:
                     with open(csv_path, "a", newline="") as f:
                         csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-            if stop:
+            if at_max or signum:
                 break
-
-        # End of epoch (or of the run): grid of the fixed z in eval mode, plot, checkpoint.
-        check_finite(f"in epoch {epoch + 1}")
-        epoch += 0 if interrupted else 1  # an interrupted epoch is run again from its start
-        if rank == 0:
-            G_net.eval()
+        # Where the run stands: whole epochs done, and batches done in the next one.
+        batch = batch + 1 if first < n else n
+        epoch, batch = (epoch + 1, 0) if batch == n else (epoch, batch)
+        signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"in epoch {epoch + 1}")
+        if rank == 0:  # end of epoch (or of the run): grid of the fixed z in eval mode, plot, checkpoint
+            G.eval()
             with torch.no_grad():
-                grid = G_net(fixed_z).float()
-            G_net.train()
-            vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{epoch:03d}.png"),
+                grid = G(fixed_z).float()
+            G.train()
+            label = epoch if batch == 0 else epoch + 1  # a partial epoch is named after itself
+            vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{label:03d}.png"),
                               nrow=8, normalize=True, value_range=(-1, 1))
             metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
-            save_checkpoint(epoch)
-        if interrupted:
-            log(f"interrupted: checkpoint saved to {os.path.join(args.out, 'ckpt.pt')}")
-            stop = True
+            save_checkpoint(ckpt_path, G, D, optG, optD, args, epoch, batch, step, fixed_z)
+        if args.max_steps and step >= args.max_steps:
+            break
+    for s, h in previous_handlers.items():
+        signal.signal(s, h)
+    if signum:
+        log(f"stopped by signal {signum}: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(128 + signum)  # 130 for Ctrl-C, as shells expect
 
-    # Samples for metrics.py: N single PNGs from fresh z, generator in eval mode.
+    # --- Sampling: N single PNGs from fresh z for metrics.py, generator in eval mode.
     if args.sample and rank == 0:
-        out = os.path.join(args.out, "samples")
-        os.makedirs(out, exist_ok=True)
-        G_net.eval()
+        G.eval()
         gen = torch.Generator(device).manual_seed(args.seed + 1)
         with torch.no_grad():
             for i in range(0, args.sample, 500):
                 z = torch.randn(min(500, args.sample - i), args.latent_dim, device=device, generator=gen)
-                imgs = ((G_net(z).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-                for j, img in enumerate(imgs):  # [-1, 1] -> uint8 C x H x W -> 1- or 3-channel PNG
-                    to_pil_image(img).save(os.path.join(out, f"{i + j:06d}.png"))
-        log(f"wrote {args.sample} samples to {out}")
+                try:
+                    data.write_pngs(G(z), os.path.join(args.out, "samples"), first=i)
+                except data.DataError as e:
+                    sys.exit(f"error: {e}")
+        log(f"wrote {args.sample} samples to {os.path.join(args.out, 'samples')}")
     if ddp:
         dist.destroy_process_group()
 

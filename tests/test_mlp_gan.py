@@ -11,7 +11,7 @@ from PIL import Image
 import mlp_gan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--data", "fake", "--batch-size", "16", "--log-every", "1", "--latent-dim", "16"]
+SMALL = ["--data", "fake", "--batch-size", "16", "--log-every", "1", "--latent-dim", "16", "--device", "cpu"]
 
 
 def run(tmp_path, *extra):
@@ -45,13 +45,15 @@ def test_trains_a_few_steps_and_writes_every_file(tmp_path, size, channels):
     assert Image.open(os.path.join(out, "grid_epoch_001.png")).size == (8 * size + 18,) * 2
     c = ckpt(out)
     assert c["script"] == "mlp_gan" and c["step"] == 2 and (c["args"]["img_size"], c["args"]["channels"]) == (size, channels)
+    assert (c["epoch"], c["batch"]) == (0, 2)  # 2 of the 128 batches of epoch 1: a partial epoch
 
 
 def test_resume_continues_and_sample_writes_pngs(tmp_path):
     out = run(tmp_path, "--max-steps", "2", "--img-size", "28", "--channels", "1")
-    mlp_gan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "4", "--epochs", "3", "--sample", "4"])
+    mlp_gan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "4", "--epochs", "3", "--sample", "4",
+                  "--device", "cpu"])
     c = ckpt(out)
-    assert c["step"] == 4 and c["optD"]["state"][0]["step"].item() == 4
+    assert c["step"] == 4 and (c["epoch"], c["batch"]) == (0, 4) and c["optD"]["state"][0]["step"].item() == 4
     rows = open(os.path.join(out, "losses.csv")).read().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4]
     img = Image.open(os.path.join(out, "samples", "000003.png"))
@@ -65,17 +67,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(mlp_gan, "bce", lambda logits, t: F.binary_cross_entropy_with_logits(
         logits, torch.full_like(logits, t)) * float("inf"))
     with pytest.raises(SystemExit, match="NaN/inf"):
-        mlp_gan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "3", "--epochs", "3"])
+        mlp_gan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "3", "--epochs", "3", "--device", "cpu"])
     assert ckpt(out)["step"] == 1
 
 
 def test_checkpoint_of_another_script_is_refused(tmp_path):
     import dcgan
     out = str(tmp_path / "dc")
-    dcgan.main(["--data", "fake", "--ngf", "4", "--ndf", "4", "--batch-size", "8", "--max-steps", "1", "--out", out])
+    dcgan.main(["--data", "fake", "--ngf", "4", "--ndf", "4", "--img-size", "16", "--batch-size", "8",
+                "--max-steps", "1", "--out", out, "--device", "cpu"])
     with pytest.raises(SystemExit, match="not written by mlp_gan.py"):
-        mlp_gan.main(["--resume", os.path.join(out, "ckpt.pt")])
-    with pytest.raises(ValueError, match="not mlp_gan"):
+        mlp_gan.main(["--resume", os.path.join(out, "ckpt.pt"), "--device", "cpu"])
+    with pytest.raises(ValueError, match="not written by mlp_gan.py"):
         mlp_gan.load_model(os.path.join(out, "ckpt.pt"))
 
 
@@ -85,3 +88,11 @@ def test_command_line_entry_point(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "img/s" in r.stdout and os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+@pytest.mark.parametrize("flag,value", [("--beta1", "1"), ("--beta1", "nan"), ("--batch-size", "1")])
+def test_flags_of_this_script_are_checked_before_any_work(tmp_path, flag, value):
+    # Adam needs 0 <= beta1 < 1; the generator's BatchNorm1d needs 2 images per batch to train.
+    with pytest.raises(SystemExit, match=flag):
+        run(tmp_path, flag, value)
+    assert not (tmp_path / "run").exists()

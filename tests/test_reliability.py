@@ -158,16 +158,20 @@ def test_a_file_that_is_not_its_checkpoint_is_one_sentence(tmp_path, monkeypatch
 
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
-    """{script: folder of a 2-step run (epoch 1 of 8 steps unfinished)}."""
+    """two_steps(script) -> folder of that script's 2-step run (epoch 1 of 8 steps unfinished),
+    trained the first time a test asks for it."""
     base = tmp_path_factory.mktemp("two_steps")
-    for s in SCRIPTS:
-        run(s, base / s, "--max-steps", "2", "--epochs", "2")
-    return base
+
+    def get(script):
+        if not (base / script / "ckpt.pt").exists():
+            run(script, base / script, "--max-steps", "2", "--epochs", "2")
+        return base / script
+    return get
 
 
 def copy_run(two_steps, script, tmp_path):
     import shutil
-    return pathlib.Path(shutil.copytree(two_steps / script, tmp_path / "run"))
+    return pathlib.Path(shutil.copytree(two_steps(script), tmp_path / "run"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -298,7 +302,7 @@ def test_resumed_optimizer_state_has_its_parameters_device_dtype_and_layout(two_
     """Resume onto the meta device in channels-last: every Adam/RMSprop state tensor must follow
     its parameter there (on a GPU a CPU state tensor or NCHW strides crash the fused step)."""
     mod = importlib.import_module(script)
-    c = ckpt(two_steps / script)
+    c = ckpt(two_steps(script))
     for k, v in c.items():  # a checkpoint written in NCHW (CPU/MPS), whatever this machine does
         if k.startswith("opt"):
             for st in v["state"].values():
