@@ -134,3 +134,10 @@ def test_command_line_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "dcgan.py", "--data", "no-such-set", "--out", out], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
+
+
+@pytest.mark.parametrize("beta1", ["1", "-0.1", "nan"])
+def test_adam_beta1_outside_0_1_is_refused_before_training(tmp_path, beta1):
+    with pytest.raises(SystemExit, match=r"--beta1 must be in \[0, 1\)"):
+        run(tmp_path, "--beta1", beta1)
+    assert not (tmp_path / "run").exists()
