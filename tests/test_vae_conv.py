@@ -16,7 +16,8 @@ from vae_helpers import (BCE_HAND, BCE_LOGITS, BCE_X, KL_HAND, KL_LOGVAR, KL_MU,
                          heldout_kl, monte_carlo_kl, rows)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--data", "fake", "--width", "16", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1"]
+SMALL = ["--data", "fake", "--width", "16", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1",
+         "--device", "cpu"]
 
 
 def run(tmp_path, *extra):
@@ -67,7 +68,7 @@ def test_bce_decoder_ends_in_logits_and_decode_still_returns_minus1_to_1():
 
 def test_bad_image_size_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="power of two"):
-        run(tmp_path, "--img-size", "48", "--epochs", "0")
+        run(tmp_path, "--img-size", "48")
 
 
 def test_kl_term_matches_a_hand_computation_and_a_monte_carlo_estimate():
@@ -97,7 +98,7 @@ def test_trains_a_few_steps_and_writes_every_file(tmp_path, size):
     out = run(tmp_path, "--img-size", str(size), "--max-steps", "2", "--batch-size", "8")
     check_run_folder(out, size)
     c = ckpt(out)
-    assert c["script"] == "vae_conv" and c["step"] == 2 and c["epoch"] == 1
+    assert c["script"] == "vae_conv" and c["step"] == 2 and (c["epoch"], c["batch"]) == (0, 2)  # 2 of 128 batches
     assert c["fixed_z"].shape == (64, 8)
 
 
@@ -113,25 +114,44 @@ def test_heldout_loss_is_the_test_split_loss_of_the_saved_model(tmp_path):
     assert 0.5 * 3 * 32 * 32 * math.log(2) < r < 2 * 3 * 32 * 32 * math.log(2)
 
 
+def test_heldout_row_is_the_float32_loss_whatever_the_training_precision(tmp_path):
+    """A reported likelihood must not move with the device: with --amp (bfloat16 autocast, which
+    the CPU has too) the held-out row is still the float32 loss of the saved model, recomputed here
+    from the checkpoint alone: one z per image, eps from a CPU generator seeded with --seed, in
+    batches of --batch-size."""
+    out = run(tmp_path, "--max-steps", "2", "--amp", "--recon", "bce", "--beta", "0.5", "--seed", "3")
+    model = vae_conv.load_model(os.path.join(out, "ckpt.pt"))  # float32, eval mode, on the CPU
+    test = data.load("fake", split="test").images
+    gen, sums = torch.Generator().manual_seed(3), torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(test), 16):
+            x = data.to_float(test[i:i + 16])
+            out_x, mu, logvar = model(x, generator=gen)
+            sums += torch.stack(vae_conv.vae_loss(out_x, x, mu, logvar, "bce", 0.5)).double() * len(x)
+    last = rows(out)[-1]
+    logged = [float(last[k]) for k in ("test_loss", "test_recon", "test_kl")]
+    assert logged == pytest.approx((sums / len(test)).tolist(), rel=1e-5)
+
+
 def test_resume_continues_step_count_optimizer_state_and_log(tmp_path):
     out = run(tmp_path, "--max-steps", "2")
     first = ckpt(out)
-    vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "5", "--epochs", "3"])
+    vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "5", "--epochs", "3", "--device", "cpu"])
     second = ckpt(out)
-    assert second["step"] == 5 and second["epoch"] == 2
+    assert second["step"] == 5 and (second["epoch"], second["batch"]) == (0, 5)
     assert second["opt"]["state"][0]["step"].item() == 5  # Adam's counter continued
     assert torch.equal(first["fixed_z"], second["fixed_z"])
     assert not torch.equal(first["model"]["fc_mu.weight"], second["model"]["fc_mu.weight"])
     r = rows(out)
     assert [int(x["step"]) for x in r if x["loss"]] == [1, 2, 3, 4, 5]
-    assert [int(x["epoch"]) for x in r if x["test_loss"]] == [1, 2]
+    assert [int(x["epoch"]) for x in r if x["test_loss"]] == [1, 1]  # both stops were in epoch 1
     assert second["args"]["width"] == 16  # flags not given again came from the checkpoint
 
 
 def test_sample_from_checkpoint_writes_readable_pngs(tmp_path):
     from PIL import Image
     out = run(tmp_path, "--max-steps", "1", "--channels", "1", "--recon", "bce")
-    vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "5"])
+    vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "5", "--device", "cpu"])
     files = sorted(os.listdir(os.path.join(out, "samples")))
     assert files == [f"{i:06d}.png" for i in range(5)]
     img = Image.open(os.path.join(out, "samples", files[0]))
@@ -156,13 +176,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     real_loss = vae_conv.vae_loss
     monkeypatch.setattr(vae_conv, "vae_loss", lambda *a: tuple(v * float("nan") for v in real_loss(*a)))
     with pytest.raises(SystemExit, match="NaN"):
-        vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "4", "--epochs", "3"])
+        vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "4", "--epochs", "3",
+                       "--device", "cpu"])
     after = ckpt(out)
     assert after["step"] == good["step"] == 2
     assert torch.equal(after["model"]["fc_mu.weight"], good["model"]["fc_mu.weight"])
 
 
-def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_skips_the_heldout_pass(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_loss = vae_conv.vae_loss
 
@@ -173,26 +194,30 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
         return real_loss(*a)
     monkeypatch.setattr(vae_conv, "vae_loss", loss_then_interrupt)
     try:
-        out = run(tmp_path, "--epochs", "2")
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--epochs", "2")
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert e.value.code == 130
+    out = str(tmp_path / "run")
     c = ckpt(out)
-    assert c["step"] == 2 and c["epoch"] == 0  # the interrupted epoch runs again on resume
+    assert (c["epoch"], c["batch"], c["step"]) == (0, 2, 2)  # resume goes on with batch 3 of epoch 1
     assert not any(x["test_loss"] for x in rows(out))
 
 
 def test_bad_resume_paths_are_refused(tmp_path):
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
-        vae_conv.main(["--resume", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        vae_conv.main(["--resume", str(tmp_path / "missing.pt"), "--device", "cpu"])
     other = tmp_path / "other.pt"
     torch.save({"script": "mlp_vae", "args": {}}, other)
     with pytest.raises(SystemExit, match="not written by vae_conv.py"):
-        vae_conv.main(["--resume", str(other)])
-    with pytest.raises(ValueError, match="not vae_conv"):
+        vae_conv.main(["--resume", str(other), "--device", "cpu"])
+    with pytest.raises(ValueError, match="not written by vae_conv.py"):
         vae_conv.load_model(str(other))
     out = run(tmp_path, "--max-steps", "1")
-    with pytest.raises(SystemExit, match="does not fit"):
-        vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--width", "32", "--epochs", "0"])
+    with pytest.raises(SystemExit, match="--width 16, which --width 32 does not fit"):
+        vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--width", "32", "--epochs", "0", "--sample", "1",
+                       "--device", "cpu"])
 
 
 def test_command_line_entry_point(tmp_path):
@@ -206,6 +231,6 @@ def test_command_line_entry_point(tmp_path):
     assert f"encoder: {enc:,} parameters   decoder: {dec:,} parameters" in r.stdout
     assert "test loss" in r.stdout
     assert len(os.listdir(os.path.join(out, "samples"))) == 3
-    r = subprocess.run([sys.executable, "vae_conv.py", "--data", "no-such-set", "--out", out], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "vae_conv.py", "--data", "no-such-set", "--out", out, "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
