@@ -11,17 +11,20 @@ be drawn as a plane: see latent_edit.py).
 """
 import argparse
 import csv
+import math
 import os
+import pickle
 import signal
 import sys
+import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 import torchvision.utils as vutils
-from torchvision.transforms.functional import to_pil_image
 
 import data
 import metrics
@@ -66,9 +69,7 @@ def build(cfg):
 
 def load_model(path, device="cpu"):
     """The VAE of an mlp_vae.py checkpoint in eval mode: .encode(x) -> (mu, logvar), .decode(z)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if ckpt.get("script") != "mlp_vae":
-        raise ValueError(f"{path} was written by {ckpt.get('script')!r}, not mlp_vae.py")
+    ckpt = read_checkpoint(path)  # ValueError with one sentence if it is not an mlp_vae.py checkpoint
     model = build(ckpt["args"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
@@ -98,6 +99,7 @@ def vae_loss(logits, x, mu, logvar):
 
 
 # -----------------------------------------------------------------------------
+# Settings: parsed, completed from a checkpoint, then checked in one place before any work.
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -112,23 +114,43 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split over the ranks")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (as pytorch/examples' vae)")
     p.add_argument("--latent-dim", type=int, default=2, help="size of z (2: the latent plane can be drawn)")
-    p.add_argument("--out", default=None, help="output folder; default runs/mlp_vae-<data>")
+    p.add_argument("--out", default=None, help="output folder; default runs/mlp_vae-<data>, or the --resume checkpoint's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast; default: on for CUDA, off elsewhere")
+                   help="bfloat16 autocast of the training step; default: on for CUDA, off elsewhere")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all ranks (this model has none)")
     p.add_argument("--resume", default=None, help="ckpt.pt to continue from; flags not given again come from it")
     p.add_argument("--sample", type=int, default=0, help="after training, write this many single PNGs to OUT/samples/")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
-    args = p.parse_args(argv)
-    return p, args
+    return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
-RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps"}
+RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out"}
+# Flags that fix the network's shapes: a checkpoint only fits a network built with its own.
+SHAPE_FLAGS = ["latent_dim", "channels", "img_size"]
+
+
+def read_checkpoint(path):
+    """The dict an mlp_vae.py run saved, or ValueError with one sentence saying why `path` is not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"the checkpoint {path} does not exist (or is not a file)")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a checkpoint; it was cut off while being written or copied")
+    try:  # weights_only: tensors and plain containers only, so loading can never run code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # PyTorch refused an object; never pass on its advice to lift that guard
+        raise ValueError(f"{path} is not a checkpoint written by this project's scripts and may be unsafe "
+                         "to load; nothing in it was run") from None
+    except Exception as e:  # noqa: BLE001  (a text file, a truncated zip, ...)
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "mlp_vae":
+        script = ckpt.get("script") if isinstance(ckpt, dict) else None
+        raise ValueError(f"{path} was not written by mlp_vae.py (script: {script!r}); use that script with it")
+    return ckpt
 
 
 def restore_args(p, args, ckpt):
@@ -138,54 +160,226 @@ def restore_args(p, args, ckpt):
             setattr(args, k, v)
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file and rename it into place: a crash never leaves a torn file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def main(argv=None):
-    p, args = get_args(argv)
-
-    # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python mlp_vae.py` is rank 0 of 1.
-    ddp = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = pick_device(args.device)
-    if ddp and device.type == "cuda":
+def pick_device(name, ddp):
+    try:  # "auto": cuda, then mps, then cpu; a device that is not there is one sentence
+        device = metrics.resolve_device(name)
+    except metrics.MetricsError as e:
+        sys.exit(f"error: {e}")
+    if ddp and device.type == "cuda":  # torchrun: one GPU per process
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+    return device
+
+
+def check_args(args, ckpt, device, ddp, rank):
+    """Every flag, in one place, before any data is read or network built: one sentence each."""
+    positive = {"--batch-size": args.batch_size, "--latent-dim": args.latent_dim, "--log-every": args.log_every}
+    for flag, v in positive.items():
+        if v < 1:
+            sys.exit(f"error: {flag} must be at least 1, got {v}")
+    for flag, v in {"--epochs": args.epochs, "--sample": args.sample, "--max-steps": args.max_steps,
+                    "--crop": args.crop or 0}.items():
+        if v < 0:
+            sys.exit(f"error: {flag} cannot be negative, got {v}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        sys.exit(f"error: --lr must be a positive number, got {args.lr}")
+    if args.img_size is not None and args.img_size < 1:
+        sys.exit(f"error: --img-size must be at least 1 pixel, got {args.img_size}")
+    if ddp and args.sync_bn and device.type != "cuda":  # as in the other scripts, whose DDP would raise
+        sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
+                 "drop --sync-bn (this model has no BatchNorm to synchronise)")
+    check_size(args, device)
+    done = ckpt["epoch"] if ckpt else 0
+    if args.epochs <= done and not args.sample:
+        sys.exit(f"error: nothing to train: {f'{args.resume} has finished {done} epochs' if ckpt else '--epochs is 0'} "
+                 f"and no --sample was asked for; raise --epochs to train on")
+    for k in SHAPE_FLAGS if ckpt else []:  # a flag given again that changes a network's shape
+        if ckpt["args"].get(k) is not None and getattr(args, k) not in (None, ckpt["args"][k]):
+            flag = "--" + k.replace("_", "-")
+            sys.exit(f"error: {args.resume} was trained with {flag} {ckpt['args'][k]}, which {flag} "
+                     f"{getattr(args, k)} does not fit; drop {flag} to use the checkpoint's")
+    if rank == 0:  # an output folder that cannot be written is found now, not after the first epoch
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.out).close()
+        except OSError as e:
+            sys.exit(f"error: cannot write to the output folder {args.out} ({e.strerror or e}); choose another --out")
+
+
+def check_size(args, device):
+    """Refuse what cannot fit before allocating any of it: a dry run on the meta device (shapes
+    only, no memory) counts the parameters, 4 float32 copies each (weights, gradients, Adam's two
+    moments), and every layer's output for one batch (kept for the backward pass). The dataset's
+    own size is not known yet: 64 pixels and 3 channels, no default is larger."""
+    outputs, size = [], args.img_size or 64
+    with torch.device("meta"):
+        model = build({**vars(args), "img_size": size, "channels": args.channels or 3})
+        for m in (m for m in model.modules() if not list(m.children())):
+            m.register_forward_hook(lambda m, i, out: outputs.append(out.numel()))
+        model(torch.zeros(args.batch_size, *model.shape))
+    need = 4 * (4 * sum(p.numel() for p in model.parameters()) + sum(outputs))
+    have = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        sys.exit(f"error: training at --img-size {size} with --batch-size {args.batch_size} needs about "
+                 f"{need / 2**30:.0f} GiB but the {device.type} device has {have / 2**30:.0f} GiB; "
+                 "lower --img-size or --batch-size")
+
+
+# -----------------------------------------------------------------------------
+# The network, its optimizer and the checkpoint: the one place that saves and loads them.
+
+def make_networks(args, ckpt, device, memory_format=torch.contiguous_format):
+    """The VAE with the checkpoint's weights on the device, then its Adam optimizer. The optimizer
+    state is loaded only once the parameters have their final device, dtype and memory layout:
+    Adam's moments must match all three (the fused CUDA kernels check). Linear layers have no
+    channels-last layout; memory_format is taken so that every script's make_networks reads alike."""
+    model = build(vars(args))  # PyTorch's default initialisation
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    model.to(device, memory_format=memory_format)
+    # Adam with its default betas, as pytorch/examples' vae. One fused kernel per step on CUDA, foreach elsewhere.
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, **fused)
+    if ckpt:
+        load_optimizer(opt, ckpt["opt"])
+    return model, opt
+
+
+def load_optimizer(opt, state):
+    opt.load_state_dict(state)  # moves each state tensor to its parameter's device and dtype ...
+    for group in opt.param_groups:  # ... but keeps the saved strides: re-lay them as the parameter's
+        for p in group["params"]:
+            for k, v in opt.state[p].items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p).copy_(v)
+
+
+def save_checkpoint(path, model, opt, args, epoch, batch, step, fixed_z):
+    """ckpt.pt: where the run stands (epoch = whole epochs done, batch = batches done in the next),
+    written to a temporary file and renamed: a crash or a full disk never tears the old one."""
+    state = {"script": "mlp_vae", "args": vars(args), "epoch": epoch, "batch": batch, "step": step,
+             "model": model.state_dict(), "opt": opt.state_dict(), "fixed_z": fixed_z.cpu()}
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: PyTorch's zip writer on a full disk
+        if os.path.lexists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was saved"
+        sys.exit(f"error: could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                 f"{kept}. Free some disk space, then resume")
+
+
+# -----------------------------------------------------------------------------
+# The paper's training step (Algorithm 1 of Kingma & Welling with one z per image, L = 1):
+# one gradient step on the minibatch's negative ELBO; and the same loss on held-out images.
+
+def train_step(model, opt, x, amp):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out, mu, logvar = model(x)                 # B x C x H x W logits; B x latent, twice
+        loss, rec, kl = vae_loss(out, x, mu, logvar)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, rec, kl
+
+
+def evaluate(model, images, batch_size, seed):
+    """Held-out (total, recon, KL) per image: the negative ELBO in nats. As pytorch/examples' vae,
+    one sampled z per image (from a fixed seed, so epochs compare), not mu. A reported likelihood
+    must not depend on the device, so this is float32 whatever --amp says (bf16 moves it 0.1-0.4%)."""
+    device = next(model.parameters()).device
+    gen, sums = torch.Generator(device).manual_seed(seed), torch.zeros(3, device=device)
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for i in range(0, len(images), batch_size):
+            x = data.to_float(images[i:i + batch_size].to(device))  # float32 B x C x H x W in [-1, 1]
+            out, mu, logvar = model(x, generator=gen)
+            sums += torch.stack(vae_loss(out, x, mu, logvar)) * len(x)
+    model.train()
+    return (sums / len(images)).tolist()
+
+
+# -----------------------------------------------------------------------------
+# The loss log: one row per logged step, and a held-out row (training cells blank) at each epoch end.
+
+COLUMNS = ["step", "epoch", "loss", "recon", "kl", "img_per_s", "test_loss", "test_recon", "test_kl"]
+
+
+def start_log(path, after_step=None):
+    """losses.csv with its header. On resume (after_step: the checkpoint's step) the old rows are
+    kept up to that step: rows a killed run logged after its last checkpoint would come twice."""
+    rows = []
+    if after_step is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= after_step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([COLUMNS] + rows)
+
+
+def write_row(path, row):
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+
+
+# -----------------------------------------------------------------------------
+# Stopping: Ctrl-C (SIGINT) and SIGTERM (what torchrun sends its workers on Ctrl-C) only raise a
+# flag; the step in flight finishes, the checkpoint is saved and the run exits with 128 + signal.
+# NaN/inf losses stop it too, keeping the last good checkpoint. All ranks agree at log steps.
+
+def catch_stop_signals():
+    caught, previous = [], {}
+
+    def handler(signum, _frame):
+        caught.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    for s in (signal.SIGINT, signal.SIGTERM):
+        previous[s] = signal.signal(s, handler)
+    return caught, previous
+
+
+def agree_to_stop(bad, caught, ddp, ckpt_path, where):
+    """The one host sync: any rank's non-finite loss or stop signal, known to every rank."""
+    flags = torch.stack([bad.float(), torch.tensor(float(caught[0] if caught else 0), device=bad.device)])
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, signum = flags.tolist()
+    if nonfinite:
+        kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was saved"
+        sys.exit(f"error: the losses became NaN/inf {where}; stopping: {kept} (try a lower --lr)")
+    return int(signum)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    # --- Setup: flags (completed from the checkpoint), device, ranks, everything checked.
+    p, args = get_args(argv)
+    try:
+        ckpt = read_checkpoint(args.resume) if args.resume else None
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if ckpt:
+        restore_args(p, args, ckpt)
+    ddp = "RANK" in os.environ  # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = pick_device(args.device, ddp)
+    # A resumed run continues in its checkpoint's folder, wherever that folder has moved.
+    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                            os.path.join("runs", f"mlp_vae-{os.path.basename(os.path.normpath(args.data))}"))
+    check_args(args, ckpt, device, ddp, rank)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
-
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-        except Exception as e:  # missing, truncated or not a checkpoint at all
-            sys.exit(f"error: cannot read checkpoint {args.resume}: {e}")
-        if not isinstance(ckpt, dict) or ckpt.get("script") != "mlp_vae":
-            sys.exit(f"error: {args.resume} was not written by mlp_vae.py "
-                     f"(script: {ckpt.get('script') if isinstance(ckpt, dict) else '?'}); use that script to resume it")
-        restore_args(p, args, ckpt)
     args.amp = device.type == "cuda" if args.amp is None else args.amp
-    args.out = args.out or os.path.join("runs", f"mlp_vae-{os.path.basename(os.path.normpath(args.data))}")
     torch.manual_seed(args.seed + rank)
+    epoch, batch, step = (ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]) if ckpt else (0, 0, 0)
+    train = epoch < args.epochs
 
-    # Data: decoded once into a uint8 cache, then served as [-1, 1] batches on the device.
+    # --- Data: decoded once into a uint8 cache, then served as [-1, 1] batches on the device.
     # The held-out split (where the dataset has one) gives the test loss at each epoch end.
-    train = args.epochs > (ckpt["epoch"] if ckpt else 0)
-    test_images = None
+    loader = test_images = None
     if train:
         try:
             ds = data.load(args.data, root=args.data_root, split="train", img_size=args.img_size,
@@ -193,174 +387,110 @@ def main(argv=None):
             if data.has_test_split(args.data):
                 test_images = data.load(args.data, root=args.data_root, split="test", img_size=args.img_size,
                                         channels=args.channels, crop=args.crop).images
+            loader = data.Loader(ds.images, args.batch_size, device, seed=args.seed, flip=args.flip,
+                                 rank=rank, world_size=world)
         except data.DataError as e:
             sys.exit(f"error: {e}")
         args.img_size, args.channels = ds.images.shape[-1], ds.images.shape[1]
-        loader = data.Loader(ds.images, args.batch_size, device, seed=args.seed, flip=args.flip,
-                             rank=rank, world_size=world)
-        if len(loader) == 0:
-            sys.exit(f"error: {len(ds.images)} images is less than one batch of {args.batch_size}; lower --batch-size")
         # The fixed inputs of recon_epoch_NNN.png: the first 32 training images, in rows of 8.
         n_recon, row_len = min(32, len(ds.images)), min(8, len(ds.images))
         recon_x = data.to_float(ds.images[:n_recon - n_recon % row_len]).to(device)
-    else:
-        args.img_size = args.img_size or data.DEFAULT_IMG_SIZE.get(args.data, 64)  # sampling only:
-        args.channels = args.channels or 1                                      # the checkpoint says
+    else:  # sampling only: the checkpoint normally says
+        args.img_size = args.img_size or data.DEFAULT_IMG_SIZE.get(args.data, 64)
+        args.channels = args.channels or 1
     log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
 
-    # Model and optimiser: PyTorch's default initialisation, Adam with its default betas.
-    model = build(vars(args))
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, **fused)
-    fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    epoch, step = 0, 0
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            sys.exit(f"error: {args.resume} does not fit these settings ({str(e).splitlines()[0]}); "
-                     "drop the conflicting flags to use the checkpoint's own")
-        epoch, step, fixed_z = ckpt["epoch"], ckpt["step"], ckpt["fixed_z"]
-        log(f"resumed from {args.resume}: epoch {epoch}, step {step}")
-    model.to(device)
-    fixed_z = fixed_z.to(device)
+    # --- Network: the VAE (plain, for the checkpoint, evaluation and sampling) and the copy that
+    # trains: DDP averages gradients over ranks, torch.compile fuses kernels.
+    model, opt = make_networks(args, ckpt, device)  # Linear layers only: the default memory format
+    fixed_z = (ckpt["fixed_z"] if ckpt else
+               torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))).to(device)
     count = lambda *ms: sum(t.numel() for m in ms for t in m.parameters())
     log(f"encoder: {count(model.encoder, model.fc_mu, model.fc_logvar):,} parameters   "
         f"decoder: {count(model.decoder):,} parameters")
-
-    # A wrapped copy for training: DDP averages gradients over ranks (BatchNorm stays
-    # per-rank unless --sync-bn), torch.compile fuses kernels. model_net stays plain.
-    model_net = model
-    if ddp:
-        if args.sync_bn:
-            model = model_net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if ckpt:
+        log(f"resumed from {args.resume}: epoch {epoch + 1}, batch {batch}, step {step}")
+    model_train = DDP(model, device_ids=[device] if device.type == "cuda" else None) if ddp else model
     if args.compile:
-        model = torch.compile(model)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+        model_train = torch.compile(model_train)
 
-    def save_checkpoint(done_epochs):
-        save_atomic({"script": "mlp_vae", "args": vars(args), "epoch": done_epochs, "step": step,
-                     "model": model_net.state_dict(), "opt": opt.state_dict(),
-                     "fixed_z": fixed_z.cpu()}, os.path.join(args.out, "ckpt.pt"))
-
-    def evaluate(images):
-        """Held-out (total, recon, KL) per image, eval mode. As pytorch/examples' vae, one sampled
-        z per image (from a fixed seed, so epochs compare), not mu: the negative ELBO in nats."""
-        gen, sums = torch.Generator(device).manual_seed(args.seed), torch.zeros(3, device=device)
-        model_net.eval()
-        with torch.no_grad(), autocast():
-            for i in range(0, len(images), args.batch_size):
-                x = data.to_float(images[i:i + args.batch_size].to(device))
-                out, mu, logvar = model_net(x, generator=gen)
-                sums += torch.stack(vae_loss(out, x, mu, logvar)) * len(x)
-        model_net.train()
-        return (sums / len(images)).tolist()
-
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "losses.csv")
-    columns = ["step", "epoch", "loss", "recon", "kl", "img_per_s", "test_loss", "test_recon", "test_kl"]
-    if rank == 0 and (not ckpt or not os.path.exists(csv_path)):
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(columns)
-
-    def write_row(row):
-        if rank == 0:
-            with open(csv_path, "a", newline="") as f:
-                csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-
-    total_steps = args.epochs * len(loader) if train else 0
-    stop = interrupted = False
-
-    def on_ctrl_c(*_):  # finish the current step, save, exit; a second Ctrl-C kills at once
-        nonlocal interrupted
-        interrupted = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, on_ctrl_c)
-
-    def check_finite(where):  # one host sync, only at log steps and epoch ends
-        flag = bad.float()
-        if ddp:  # every rank stops together, so none is left waiting in an all-reduce
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            sys.exit(f"error: the losses became NaN/inf {where}; stopping. The last good checkpoint is "
-                     f"{os.path.join(args.out, 'ckpt.pt')} (try a lower --lr)")
+    # --- Training: epochs of the paper's step, logged to losses.csv; each epoch (or the run, when
+    # it stops early) ends with the held-out loss, the grids of the fixed z and of reconstructions,
+    # the loss plot and the checkpoint.
+    ckpt_path, csv_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "losses.csv")
+    if rank == 0 and train:
+        start_log(csv_path, after_step=step if ckpt else None)
+    caught, previous_handlers = catch_stop_signals()
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
-    while train and epoch < args.epochs and not stop:
+    n = len(loader) if train else 1  # batches per epoch
+    signum = 0
+    while train and epoch < args.epochs and not signum:
         model.train()
-        t0, seen, loss_sum, n_steps = time.perf_counter(), 0, torch.zeros((), device=device), 0
-        for x in loader.epoch(epoch):  # x: B x C x S x S in [-1, 1], already on the device
-            b = x.shape[0]
-            with autocast():
-                out, mu, logvar = model(x)
-                loss, rec, kl = vae_loss(out, x, mu, logvar)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-            step += 1
-            seen += b * world
-            n_steps += 1
-            loss_sum += loss.detach()
-            # Only a flag on the device: no host synchronisation inside the step.
-            bad |= ~torch.isfinite(loss.detach())
-            stop = bool(args.max_steps and step >= args.max_steps) or interrupted
-            if step % args.log_every == 0 or stop:
-                check_finite(f"by step {step}")
+        t0, seen, first, loss_sum = time.perf_counter(), 0, min(batch, n), torch.zeros((), device=device)
+        for batch, x in enumerate(loader.epoch(epoch, start=first), start=first):  # B x C x S x S
+            loss, rec, kl = train_step(model_train, opt, x, args.amp)
+            step, seen, loss_sum = step + 1, seen + x.shape[0] * world, loss_sum + loss.detach()
+            bad |= ~torch.isfinite(loss.detach())  # a flag on the device, no sync
+            at_max = bool(args.max_steps and step >= args.max_steps)
+            if step % args.log_every == 0 or at_max or (caught and not ddp):
+                signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"by step {step}")
                 rate = seen / (time.perf_counter() - t0)
-                eta = (total_steps - step) * b * world / rate
                 row = [step, epoch + 1, loss.item(), rec.item(), kl.item(), rate]
-                log(f"[{epoch + 1}/{args.epochs}][{step}/{total_steps}] loss {row[2]:.2f} = recon {row[3]:.2f} "
-                    f"+ KL {row[4]:.2f}  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
-                write_row(row + [""] * 3)
-            if stop:
+                eta = (args.epochs * n - epoch * n - batch - 1) * x.shape[0] * world / rate
+                log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} loss {row[2]:.2f} = recon "
+                    f"{row[3]:.2f} + KL {row[4]:.2f}  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
+                if rank == 0:
+                    write_row(csv_path, row + [""] * 3)
+            if at_max or signum:
                 break
-
-        # End of epoch (or of the run): held-out loss, fixed-z samples and reconstructions
-        # in eval mode, plot, checkpoint.
-        check_finite(f"in epoch {epoch + 1}")
-        epoch += 0 if interrupted else 1  # an interrupted epoch is run again from its start
-        if rank == 0 and not interrupted:
-            t1 = time.perf_counter()
-            msg = f"====> epoch {epoch}: train loss {loss_sum.item() / max(n_steps, 1):.4f} per image ({t1 - t0:.1f} s)"
-            if test_images is not None:
-                test = evaluate(test_images)
-                write_row([step, epoch] + [""] * 4 + test)
-                msg += (f", test loss {test[0]:.4f} = recon {test[1]:.4f} + KL {test[2]:.4f} "
-                        f"({time.perf_counter() - t1:.1f} s)")
-            log(msg)
-        if rank == 0:
-            model_net.eval()
+        # Where the run stands: whole epochs done, and batches done in the next one.
+        batch = batch + 1 if first < n else n
+        n_run = batch - first  # batches trained in this pass, for the mean training loss
+        epoch, batch = (epoch + 1, 0) if batch == n else (epoch, batch)
+        label = epoch if batch == 0 else epoch + 1  # a partial epoch is named after itself
+        signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"in epoch {label}")
+        if rank == 0:  # end of epoch (or of the run): held-out loss, grids in eval mode, plot, checkpoint
+            msg = f"====> epoch {label}: train loss {loss_sum.item() / max(n_run, 1):.4f} per image"
+            if test_images is not None and (batch == 0 or not signum):  # not when a signal cut an epoch
+                test = evaluate(model, test_images, args.batch_size, args.seed)
+                write_row(csv_path, [step, label] + [""] * 4 + test)
+                msg += f", test loss {test[0]:.4f} = recon {test[1]:.4f} + KL {test[2]:.4f}"
+            log(f"{msg} ({time.perf_counter() - t0:.1f} s)")
+            model.eval()
             with torch.no_grad():
-                grid = model_net.decode(fixed_z).float()
-                pairs = torch.stack([recon_x, model_net.decode(model_net.encode(recon_x)[0]).float()], 1)
-            model_net.train()
-            vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{epoch:03d}.png"),
+                grid = model.decode(fixed_z).float()
+                pairs = torch.stack([recon_x, model.decode(model.encode(recon_x)[0]).float()], 1)
+            model.train()
+            vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{label:03d}.png"),
                               nrow=8, normalize=True, value_range=(-1, 1))
             # Rows of 8 inputs, each above its 8 reconstructions decode(mu).
             pairs = pairs.view(-1, row_len, 2, *recon_x.shape[1:]).transpose(1, 2).flatten(0, 2)
-            vutils.save_image(pairs, os.path.join(args.out, f"recon_epoch_{epoch:03d}.png"),
+            vutils.save_image(pairs, os.path.join(args.out, f"recon_epoch_{label:03d}.png"),
                               nrow=row_len, normalize=True, value_range=(-1, 1))
             metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
-            save_checkpoint(epoch)
-        if interrupted:
-            log(f"interrupted: checkpoint saved to {os.path.join(args.out, 'ckpt.pt')}")
-            stop = True
+            save_checkpoint(ckpt_path, model, opt, args, epoch, batch, step, fixed_z)
+        if args.max_steps and step >= args.max_steps:
+            break
+    for s, h in previous_handlers.items():
+        signal.signal(s, h)
+    if signum:
+        log(f"stopped by signal {signum}: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(128 + signum)  # 130 for Ctrl-C, as shells expect
 
-    # Samples for metrics.py: N single PNGs decoded from fresh z ~ N(0, I), eval mode.
+    # --- Sampling: N single PNGs decoded from fresh z ~ N(0, I) for metrics.py, eval mode.
     if args.sample and rank == 0:
-        out = os.path.join(args.out, "samples")
-        os.makedirs(out, exist_ok=True)
-        model_net.eval()
+        model.eval()
         gen = torch.Generator(device).manual_seed(args.seed + 1)
         with torch.no_grad():
             for i in range(0, args.sample, 500):
                 z = torch.randn(min(500, args.sample - i), args.latent_dim, device=device, generator=gen)
-                imgs = ((model_net.decode(z).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-                for j, img in enumerate(imgs):  # [-1, 1] -> uint8 C x H x W -> 1- or 3-channel PNG
-                    to_pil_image(img).save(os.path.join(out, f"{i + j:06d}.png"))
-        log(f"wrote {args.sample} samples to {out}")
+                try:
+                    data.write_pngs(model.decode(z), os.path.join(args.out, "samples"), first=i)
+                except data.DataError as e:
+                    sys.exit(f"error: {e}")
+        log(f"wrote {args.sample} samples to {os.path.join(args.out, 'samples')}")
     if ddp:
         dist.destroy_process_group()
 
