@@ -11,6 +11,7 @@ as the vanilla-GAN-vs-DCGAN report used them.
     torchrun --nproc_per_node=2 mlp_gan.py --data mnist         # data-parallel on 2 devices
 """
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -190,6 +191,9 @@ def check_args(args, ckpt, device, ddp, rank):
     if args.epochs <= done and not args.sample:
         sys.exit(f"error: nothing to train: {f'{args.resume} has finished {done} epochs' if ckpt else '--epochs is 0'} "
                  f"and no --sample was asked for; raise --epochs to train on")
+    if ckpt and args.epochs > done and 0 < args.max_steps <= ckpt["step"]:
+        sys.exit(f"error: nothing to train: {args.resume} is already at step {ckpt['step']} and --max-steps "
+                 f"is {args.max_steps}; raise --max-steps or drop it")
     for k in SHAPE_FLAGS if ckpt else []:  # a flag given again that changes a network's shape
         if ckpt["args"].get(k) is not None and getattr(args, k) not in (None, ckpt["args"][k]):
             flag = "--" + k.replace("_", "-")
@@ -325,7 +329,10 @@ def start_log(path, after_step=None):
 # flag; the step in flight finishes, the checkpoint is saved and the run exits with 128 + signal.
 # NaN/inf losses stop it too, keeping the last good checkpoint. All ranks agree at log steps.
 
-def catch_stop_signals():
+@contextlib.contextmanager
+def stop_signals():
+    """While training, Ctrl-C and SIGTERM only add their number to the list this yields; the
+    previous handlers come back when the block ends, however it ends."""
     caught, previous = [], {}
 
     def handler(signum, _frame):
@@ -333,7 +340,11 @@ def catch_stop_signals():
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
     for s in (signal.SIGINT, signal.SIGTERM):
         previous[s] = signal.signal(s, handler)
-    return caught, previous
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def agree_to_stop(bad, caught, ddp, ckpt_path, where):
@@ -414,52 +425,50 @@ def main(argv=None):
     ckpt_path, csv_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "losses.csv")
     if rank == 0 and train:
         start_log(csv_path, after_step=step if ckpt else None)
-    caught, previous_handlers = catch_stop_signals()
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
     n = len(loader) if train else 1  # batches per epoch
     signum = 0
-    while train and epoch < args.epochs and not signum:
-        G.train(), D.train()
-        t0, seen, first = time.perf_counter(), 0, min(batch, n)
-        for batch, real in enumerate(loader.epoch(epoch, start=first), start=first):  # B x C x H x W
-            if args.lr_decay == "linear":  # lr_t = lr (1 - t / T) over the run, the CIFAR-10 report
-                for opt in (optG, optD):
-                    opt.param_groups[0]["lr"] = args.lr * (1 - (epoch * n + batch) / (args.epochs * n))
-            losses = train_step(nets, optG, optD, real, args, args.amp)
-            step, seen = step + 1, seen + real.shape[0] * world
-            bad |= ~torch.isfinite(losses[0].detach() + losses[3].detach())  # a flag on the device, no sync
-            at_max = bool(args.max_steps and step >= args.max_steps)
-            if step % args.log_every == 0 or at_max or (caught and not ddp):
-                signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"by step {step}")
-                rate = seen / (time.perf_counter() - t0)
-                row = [step, epoch + 1] + [v.item() for v in losses] + [rate]
-                eta = (args.epochs * n - epoch * n - batch - 1) * real.shape[0] * world / rate
-                log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} Loss_D {row[2]:.4f} "
-                    f"Loss_G {row[5]:.4f} D(x) {row[6]:.4f} D(G(z)) {row[7]:.4f} / {row[8]:.4f}  "
-                    f"{rate:.0f} img/s  ETA {eta / 60:.1f} min")
-                if rank == 0:
-                    with open(csv_path, "a", newline="") as f:
-                        csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-            if at_max or signum:
+    with stop_signals() as caught:
+        while train and epoch < args.epochs and not signum:
+            G.train(), D.train()
+            t0, seen, first = time.perf_counter(), 0, min(batch, n)
+            for batch, real in enumerate(loader.epoch(epoch, start=first), start=first):  # B x C x H x W
+                if args.lr_decay == "linear":  # lr_t = lr (1 - t / T) over the run, the CIFAR-10 report
+                    for opt in (optG, optD):
+                        opt.param_groups[0]["lr"] = args.lr * (1 - (epoch * n + batch) / (args.epochs * n))
+                losses = train_step(nets, optG, optD, real, args, args.amp)
+                step, seen = step + 1, seen + real.shape[0] * world
+                bad |= ~torch.isfinite(losses[0].detach() + losses[3].detach())  # a flag on the device, no sync
+                at_max = bool(args.max_steps and step >= args.max_steps)
+                if step % args.log_every == 0 or at_max or (caught and not ddp):
+                    signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"by step {step}")
+                    rate = seen / (time.perf_counter() - t0)
+                    row = [step, epoch + 1] + [v.item() for v in losses] + [rate]
+                    eta = (args.epochs * n - epoch * n - batch - 1) * real.shape[0] * world / rate
+                    log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} Loss_D {row[2]:.4f} "
+                        f"Loss_G {row[5]:.4f} D(x) {row[6]:.4f} D(G(z)) {row[7]:.4f} / {row[8]:.4f}  "
+                        f"{rate:.0f} img/s  ETA {eta / 60:.1f} min")
+                    if rank == 0:
+                        with open(csv_path, "a", newline="") as f:
+                            csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+                if at_max or signum:
+                    break
+            signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"in epoch {epoch + 1}")
+            # Where the run stands: whole epochs done, and batches done in the next one.
+            batch = batch + 1 if first < n else n
+            epoch, batch = (epoch + 1, 0) if batch == n else (epoch, batch)
+            if rank == 0:  # end of epoch (or of the run): grid of the fixed z in eval mode, plot, checkpoint
+                G.eval()
+                with torch.no_grad():
+                    grid = G(fixed_z).float()
+                G.train()
+                label = epoch if batch == 0 else epoch + 1  # a partial epoch is named after itself
+                vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{label:03d}.png"),
+                                  nrow=8, normalize=True, value_range=(-1, 1))
+                metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
+                save_checkpoint(ckpt_path, G, D, optG, optD, args, epoch, batch, step, fixed_z)
+            if args.max_steps and step >= args.max_steps:
                 break
-        # Where the run stands: whole epochs done, and batches done in the next one.
-        batch = batch + 1 if first < n else n
-        epoch, batch = (epoch + 1, 0) if batch == n else (epoch, batch)
-        signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"in epoch {epoch + 1}")
-        if rank == 0:  # end of epoch (or of the run): grid of the fixed z in eval mode, plot, checkpoint
-            G.eval()
-            with torch.no_grad():
-                grid = G(fixed_z).float()
-            G.train()
-            label = epoch if batch == 0 else epoch + 1  # a partial epoch is named after itself
-            vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{label:03d}.png"),
-                              nrow=8, normalize=True, value_range=(-1, 1))
-            metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
-            save_checkpoint(ckpt_path, G, D, optG, optD, args, epoch, batch, step, fixed_z)
-        if args.max_steps and step >= args.max_steps:
-            break
-    for s, h in previous_handlers.items():
-        signal.signal(s, h)
     if signum:
         log(f"stopped by signal {signum}: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
         if ddp:

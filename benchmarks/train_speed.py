@@ -113,8 +113,8 @@ class Timer:
     def wrap(self, epoch_fn):
         timer = self
 
-        def epoch(loader, e=0):
-            for i, x in enumerate(epoch_fn(loader, e)):
+        def epoch(loader, e=0, start=0):
+            for i, x in enumerate(epoch_fn(loader, e, start=start)):
                 if e == 0 and i in (timer.warmup, timer.warmup + timer.steps):
                     _sync(x.device)
                     timer.marks.append(time.perf_counter())
@@ -147,9 +147,10 @@ def conventional_loader(folder, size, channels, crop, workers):
         def __len__(self):
             return len(self.loader)
 
-        def epoch(self, epoch=0):
-            for x, _ in self.loader:
-                yield x.to(self.device)
+        def epoch(self, epoch=0, start=0):  # (start: the scripts' resume; the benchmark starts at 0)
+            for i, (x, _) in enumerate(self.loader):
+                if i >= start:
+                    yield x.to(self.device)
     return ConventionalLoader
 
 

@@ -186,6 +186,8 @@ def test_resuming_with_another_network_shape_names_both_sizes(two_steps, tmp_pat
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(two_steps, tmp_path, script):
     out = copy_run(two_steps, script, tmp_path)
+    assert "already at step 2" in fails(script, ["--device", "cpu", "--resume", str(out / "ckpt.pt"),
+                                                 "--max-steps", "2"])
     run(script, out, "--resume", str(out / "ckpt.pt"), "--epochs", "1")  # finishes epoch 1
     assert "nothing to train" in fails(script, ["--device", "cpu", "--resume", str(out / "ckpt.pt"), "--epochs", "1"])
 
@@ -268,10 +270,13 @@ def test_a_killed_run_resumes_without_duplicate_log_rows(two_steps, tmp_path, sc
 def test_nan_from_the_first_step_names_no_checkpoint_that_does_not_exist(tmp_path, monkeypatch, script):
     mod = importlib.import_module(script)
     monkeypatch.setattr(torch, "isfinite", lambda t: torch.zeros_like(t, dtype=torch.bool))  # every loss "NaN"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as e:
         mod.main(args(script, tmp_path / "run", "--max-steps", "1"))
     assert "NaN" in e.value.code and "no checkpoint was saved" in e.value.code
     assert not (tmp_path / "run" / "ckpt.pt").exists()
+    # The caller's Ctrl-C and SIGTERM handlers are back, although the run ended in an error.
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
 # ---------------------------------------------------------------- a full disk keeps what was there
