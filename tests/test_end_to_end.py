@@ -29,7 +29,8 @@ def test_train_sample_measure_and_edit(tmp_path, capsys, small_network, weights_
     for script, flags in TINY.items():
         out = tmp_path / script
         importlib.import_module(script).main(["--data", "fake", "--img-size", "16", "--batch-size", "16",
-                                              "--max-steps", "2", "--sample", "6", "--out", str(out), *flags])
+                                              "--max-steps", "2", "--sample", "6", "--out", str(out), "--device", "cpu",
+                                              *flags])
         samples = sorted((out / "samples").iterdir())
         assert len(samples) == 6 and Image.open(samples[0]).size == (16, 16), script
         assert (out / "ckpt.pt").is_file() and (out / "grid_epoch_001.png").is_file()
@@ -46,6 +47,6 @@ def test_train_sample_measure_and_edit(tmp_path, capsys, small_network, weights_
 
     edit = tmp_path / "smile.png"
     latent_edit.main(["attribute", "--ckpt", str(tmp_path / "vae_conv" / "ckpt.pt"), "--attr", "Large",
-                      "--intensities", "0,2.5", "--n", "4", "--out", str(edit)])
+                      "--intensities", "0,2.5", "--n", "4", "--out", str(edit), "--device", "cpu"])
     # rows: originals, reconstructions, one per intensity; 4 images of 16 px with 2-px padding
     assert Image.open(edit).size == (4 * 18 + 2, 4 * 18 + 2)

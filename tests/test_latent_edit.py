@@ -19,7 +19,7 @@ import latent_edit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 16  # image side of every tiny checkpoint
 TINY = ["--data", "fake", "--img-size", str(S), "--channels", "1", "--batch-size", "16", "--max-steps", "2",
-        "--log-every", "1", "--epochs", "1"]
+        "--log-every", "1", "--epochs", "1", "--device", "cpu"]
 TRAIN = {  # script: its tiny-width flags
     "mlp_vae": ["--latent-dim", "2"],
     "vae_conv": ["--width", "16", "--latent-dim", "8"],
@@ -52,7 +52,9 @@ def ckpt(ckpts, tmp_path):
 
 
 def edit(*argv):
-    return latent_edit.main([str(a) for a in argv])
+    """latent_edit.main(argv) on the CPU unless argv names a device (the tests' numbers are float32's)."""
+    argv = [str(a) for a in argv]
+    return latent_edit.main(argv if "--device" in argv or argv[:1] in (["-h"], []) else argv + ["--device", "cpu"])
 
 
 def refused(capsys, pattern, *argv):
