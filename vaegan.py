@@ -11,18 +11,19 @@ and the updates of its Algorithm 1, with RMSprop at 3e-4 and batch 64.
 """
 import argparse
 import csv
+import math
 import os
+import pickle
 import signal
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.utils as vutils
-from torchvision.transforms.functional import to_pil_image
 
 import data
 import metrics
@@ -115,6 +116,9 @@ class VAEGAN(nn.Module):
         return self.decoder(z)
 
 
+NETS = ("encoder", "decoder", "discriminator")  # each has its own loss, optimizer and checkpoint entry
+
+
 def build(cfg):
     """The networks from a config dict (vars(args) or a checkpoint's copy of it)."""
     return VAEGAN(cfg["latent_dim"], cfg["width"], cfg["channels"], cfg["img_size"])
@@ -122,11 +126,9 @@ def build(cfg):
 
 def load_model(path, device="cpu"):
     """The VAE-GAN of a vaegan.py checkpoint in eval mode: .encode(x) -> (mu, logvar), .decode(z)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if ckpt.get("script") != "vaegan":
-        raise ValueError(f"{path} was written by {ckpt.get('script')!r}, not vaegan.py")
+    ckpt = read_checkpoint(path)  # ValueError with one sentence if it is not a vaegan.py checkpoint
     model = build(ckpt["args"])
-    for name in ("encoder", "decoder", "discriminator"):
+    for name in NETS:
         getattr(model, name).load_state_dict(ckpt[name])
     return model.to(device).eval()
 
@@ -184,45 +186,8 @@ def vaegan_loss(x, mu, logvar, x_tilde, logits, feats, gamma):
             "kl": kl, "feat_mse": f_mse, "gan_dec": gan_dec, **diag}
 
 
-def average_gradients(params, world):
-    """What DDP does, by hand: average every gradient over the ranks, in one all-reduce."""
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for g, f in zip(grads, (flat / world).split([g.numel() for g in grads])):
-        g.copy_(f.view_as(g))
-
-
-def train_step(nets, opts, x, gamma, dis_layer, autocast=nullcontext, world=1, eps=None, z_p=None):
-    """One iteration of Algorithm 1: one forward pass of the three networks, then each network's
-    gradient of its own loss only (backward with inputs=), all of them before any optimizer step.
-    Stepping between the backward passes is what breaks ports on modern PyTorch ("modified by an
-    inplace operation"): the later backward needs the weights the step has just changed."""
-    enc, dec, dis = nets
-    b = x.shape[0]
-    # One decoder call on [z, z_p] and one discriminator call on [x, x~, x_p]: BatchNorm sees the
-    # joint batch, as in the authors' GAN pass, and f(x), f(x~) come from the same call.
-    with autocast():
-        mu, logvar = enc(x)                                        # B x latent each
-        z = reparameterise(mu, logvar, eps)
-        z_p = torch.randn(mu.shape, device=x.device) if z_p is None else z_p
-        fakes = dec(torch.cat([z, z_p.to(z.dtype)]))              # 2B x C x S x S: [x~, x_p]
-        logits, feats = dis(torch.cat([x, fakes]), dis_layer)      # 3B logits, 3B x N_l: [x, x~, x_p]
-        t = vaegan_loss(x, mu, logvar, fakes[:b], logits, feats, gamma)
-    losses = (t["loss_enc"], t["loss_dec"], t["loss_dis"])
-    params = [list(n.parameters()) for n in nets]
-    for opt in opts:
-        opt.zero_grad(set_to_none=True)
-    for i, (loss, ps) in enumerate(zip(losses, params)):  # no GAN gradient reaches Enc, none of Dec's reaches Dis
-        loss.backward(inputs=ps, retain_graph=i < 2)
-    if world > 1:
-        average_gradients([p for ps in params for p in ps], world)
-    for opt in opts:
-        opt.step()
-    return t
-
-
 # -----------------------------------------------------------------------------
+# Settings: parsed, completed from a checkpoint, then checked in one place before any work.
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -245,7 +210,7 @@ def get_args(argv=None):
     p.add_argument("--dis-layer", type=int, default=4, choices=[1, 2, 3, 4],
                    help="Dis_l: the discriminator conv (counted from the input) whose output, before its BatchNorm, "
                    "measures reconstructions; 4 as the authors' code (the last, 3rd strided conv)")
-    p.add_argument("--out", default=None, help="output folder; default runs/vaegan-<data>")
+    p.add_argument("--out", default=None, help="output folder; default runs/vaegan-<data>, or the --resume checkpoint's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -254,16 +219,35 @@ def get_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all ranks")
     p.add_argument("--resume", default=None, help="ckpt.pt to continue from; flags not given again come from it")
     p.add_argument("--sample", type=int, default=0, help="after training, write this many single PNGs to OUT/samples/")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
-    args = p.parse_args(argv)
-    return p, args
+    return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
-RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps"}
-NETS = ("encoder", "decoder", "discriminator")
-LOGGED = ("kl", "feat_mse", "pixel_mse", "loss_dis", "gan_dec", "D(x)", "D(x_tilde)", "D(x_p)")
+RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out"}
+# Flags that fix the networks' shapes (and, --optim, the optimizers' state): a checkpoint only
+# fits networks and optimizers built with its own.
+SHAPE_FLAGS = ["latent_dim", "width", "channels", "img_size", "optim"]
+
+
+def read_checkpoint(path):
+    """The dict a vaegan.py run saved, or ValueError with one sentence saying why `path` is not one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"the checkpoint {path} does not exist (or is not a file)")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a checkpoint; it was cut off while being written or copied")
+    try:  # weights_only: tensors and plain containers only, so loading can never run code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # PyTorch refused an object; never pass on its advice to lift that guard
+        raise ValueError(f"{path} is not a checkpoint written by this project's scripts and may be unsafe "
+                         "to load; nothing in it was run") from None
+    except Exception as e:  # noqa: BLE001  (a text file, a truncated zip, ...)
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != "vaegan":
+        script = ckpt.get("script") if isinstance(ckpt, dict) else None
+        raise ValueError(f"{path} was not written by vaegan.py (script: {script!r}); use that script with it")
+    return ckpt
 
 
 def restore_args(p, args, ckpt):
@@ -273,205 +257,362 @@ def restore_args(p, args, ckpt):
             setattr(args, k, v)
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file and rename it into place: a crash never leaves a torn file."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def main(argv=None):
-    p, args = get_args(argv)
-
-    # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python vaegan.py` is rank 0 of 1.
-    ddp = "RANK" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = pick_device(args.device)
-    if ddp and device.type == "cuda":
+def pick_device(name, ddp):
+    try:  # "auto": cuda, then mps, then cpu; a device that is not there is one sentence
+        device = metrics.resolve_device(name)
+    except metrics.MetricsError as e:
+        sys.exit(f"error: {e}")
+    if ddp and device.type == "cuda":  # torchrun: one GPU per process
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log = print if rank == 0 else (lambda *a, **k: None)
+    return device
 
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = torch.load(args.resume, map_location="cpu", weights_only=True)
-        except Exception as e:  # missing, truncated or not a checkpoint at all
-            sys.exit(f"error: cannot read checkpoint {args.resume}: {e}")
-        if not isinstance(ckpt, dict) or ckpt.get("script") != "vaegan":
-            sys.exit(f"error: {args.resume} was not written by vaegan.py "
-                     f"(script: {ckpt.get('script') if isinstance(ckpt, dict) else '?'}); use that script to resume it")
-        restore_args(p, args, ckpt)
+
+def check_args(args, ckpt, device, ddp, rank):
+    """Every flag, in one place, before any data is read or network built: one sentence each."""
+    positive = {"--batch-size": args.batch_size, "--latent-dim": args.latent_dim, "--log-every": args.log_every,
+                "--width": args.width}
+    for flag, v in positive.items():
+        if v < 1:
+            sys.exit(f"error: {flag} must be at least 1, got {v}")
+    for flag, v in {"--epochs": args.epochs, "--sample": args.sample, "--max-steps": args.max_steps,
+                    "--crop": args.crop or 0}.items():
+        if v < 0:
+            sys.exit(f"error: {flag} cannot be negative, got {v}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        sys.exit(f"error: --lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.gamma) and args.gamma >= 0):
+        sys.exit(f"error: --gamma must be a number >= 0, got {args.gamma}")
+    if args.img_size is not None and args.img_size < 1:
+        sys.exit(f"error: --img-size must be a positive multiple of 8, got {args.img_size}")
     if ddp and args.sync_bn and device.type != "cuda":  # else SyncBatchNorm raises from inside PyTorch
         sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
                  "drop --sync-bn to keep BatchNorm per rank")
-    args.amp = device.type == "cuda" if args.amp is None else args.amp
-    args.img_size = args.img_size or (64 if args.data == "celeba" else 32)
-    args.out = args.out or os.path.join("runs", f"vaegan-{os.path.basename(os.path.normpath(args.data))}")
-    torch.manual_seed(args.seed + rank)
-
-    # Data: decoded once into a uint8 cache, then served as [-1, 1] batches on the device.
-    # The held-out split (where the dataset has one) gives the test losses at each epoch end.
-    train = args.epochs > (ckpt["epoch"] if ckpt else 0)
-    test_images = None
-    if train:
+    check_size(args, device)
+    done = ckpt["epoch"] if ckpt else 0
+    if args.epochs <= done and not args.sample:
+        sys.exit(f"error: nothing to train: {f'{args.resume} has finished {done} epochs' if ckpt else '--epochs is 0'} "
+                 f"and no --sample was asked for; raise --epochs to train on")
+    for k in SHAPE_FLAGS if ckpt else []:  # a flag given again that the checkpoint does not fit
+        if ckpt["args"].get(k) is not None and getattr(args, k) not in (None, ckpt["args"][k]):
+            flag = "--" + k.replace("_", "-")
+            sys.exit(f"error: {args.resume} was trained with {flag} {ckpt['args'][k]}, which {flag} "
+                     f"{getattr(args, k)} does not fit; drop {flag} to use the checkpoint's")
+    if rank == 0:  # an output folder that cannot be written is found now, not after the first epoch
         try:
-            ds = data.load(args.data, root=args.data_root, split="train", img_size=args.img_size,
-                           channels=args.channels, crop=args.crop)
-            if data.has_test_split(args.data):
-                test_images = data.load(args.data, root=args.data_root, split="test", img_size=args.img_size,
-                                        channels=args.channels, crop=args.crop).images
-            loader = data.Loader(ds.images, args.batch_size, device, seed=args.seed, flip=args.flip,
-                                 rank=rank, world_size=world, channels_last=device.type == "cuda")
-        except data.DataError as e:
-            sys.exit(f"error: {e}")
-        args.channels = ds.images.shape[1]
-        # The fixed inputs of recon_epoch_NNN.png: the first 32 training images, in rows of 8.
-        n_recon, row_len = min(32, len(ds.images)), min(8, len(ds.images))
-        recon_x = data.to_float(ds.images[:n_recon - n_recon % row_len]).to(device)
-    else:
-        args.channels = args.channels or 3  # sampling only: the checkpoint normally says
-    log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+            os.makedirs(args.out, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.out).close()
+        except OSError as e:
+            sys.exit(f"error: cannot write to the output folder {args.out} ({e.strerror or e}); choose another --out")
 
-    # Networks and one optimiser each: RMSprop as the paper (PyTorch's default initialisation).
+
+def check_size(args, device):
+    """Refuse what cannot fit before allocating any of it: a dry run on the meta device (shapes
+    only, no memory) counts the parameters, 4 float32 copies each (weights, gradients, the
+    optimizer's one or two moments), and every layer's output for one step (kept for backward)."""
+    cfg, outputs = {**vars(args), "img_size": args.img_size or 64, "channels": args.channels or 3}, []
     try:
-        model = build(vars(args))
-    except ValueError as e:
+        with torch.device("meta"):
+            model = build(cfg)
+            for m in (m for m in model.modules() if not list(m.children())):
+                m.register_forward_hook(lambda m, i, out: outputs.append(out.numel()))
+            x = torch.zeros(args.batch_size, cfg["channels"], cfg["img_size"], cfg["img_size"])
+            mu, _ = model.encode(x)                                     # as train_step: Enc on B,
+            model.discriminator(torch.cat([x, model.decode(torch.cat([mu, mu]))]))  # Dec on 2B, Dis on 3B
+    except ValueError as e:  # a size the architecture cannot take
         sys.exit(f"error: {e}")
+    need = 4 * (4 * sum(p.numel() for p in model.parameters()) + sum(outputs))
+    have = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        sys.exit(f"error: training at --img-size {cfg['img_size']} with --batch-size {args.batch_size} needs about "
+                 f"{need / 2**30:.0f} GiB but the {device.type} device has {have / 2**30:.0f} GiB; "
+                 "lower --img-size, --batch-size or --width")
+
+
+# -----------------------------------------------------------------------------
+# Networks, optimizers and the checkpoint: the one place that saves and loads them.
+
+def make_networks(args, ckpt, device, memory_format=torch.contiguous_format):
+    """The three networks with the checkpoint's weights on the device, then one optimizer each.
+    The optimizer state is loaded only once the parameters have their final device, dtype and
+    memory layout: RMSprop's and Adam's moments must match all three (the fused CUDA kernels check)."""
+    model = build(vars(args))
+    if ckpt:
+        for name in NETS:
+            getattr(model, name).load_state_dict(ckpt[name])
+    model.to(device, memory_format=memory_format)
     nets = [getattr(model, n) for n in NETS]
+    # RMSprop as the paper (it has no fused kernel: foreach everywhere), or Adam, fused on CUDA.
     if args.optim == "adam":
         fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
         opts = [torch.optim.Adam(n.parameters(), lr=args.lr, betas=(0.5, 0.999), **fused) for n in nets]
     else:
         opts = [torch.optim.RMSprop(n.parameters(), lr=args.lr, foreach=True) for n in nets]
-    fixed_z = torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    epoch, step = 0, 0
     if ckpt:
-        try:
-            for name, net, opt in zip(NETS, nets, opts):
-                net.load_state_dict(ckpt[name]), opt.load_state_dict(ckpt["opt_" + name])
-        except (RuntimeError, ValueError, KeyError) as e:
-            sys.exit(f"error: {args.resume} does not fit these settings ({str(e).splitlines()[0]}); "
-                     "drop the conflicting flags to use the checkpoint's own")
-        epoch, step, fixed_z = ckpt["epoch"], ckpt["step"], ckpt["fixed_z"]
-        log(f"resumed from {args.resume}: epoch {epoch}, step {step}")
-    memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model.to(device, memory_format=memory)
-    fixed_z = fixed_z.to(device)
-    log("   ".join(f"{n}: {sum(t.numel() for t in net.parameters()):,} parameters" for n, net in zip(NETS, nets)))
+        for name, opt in zip(NETS, opts):
+            load_optimizer(opt, ckpt["opt_" + name])
+    return (model, *opts)  # opts in the order of NETS
 
-    # Data-parallel without DDP: DDP reduces gradients from hooks that expect one forward and one
-    # full backward per step, but here one forward feeds three backward passes restricted with
-    # inputs=. So under torchrun every rank starts from rank 0's weights, and train_step averages
-    # the three gradient sets by hand (one all-reduce) before any step: the arithmetic of DDP.
-    # BatchNorm statistics stay per-rank unless --sync-bn (rank 0's running averages are saved).
+
+def load_optimizer(opt, state):
+    opt.load_state_dict(state)  # moves each state tensor to its parameter's device and dtype ...
+    for group in opt.param_groups:  # ... but keeps the saved strides: re-lay them as the parameter's
+        for p in group["params"]:
+            for k, v in opt.state[p].items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p).copy_(v)
+
+
+def save_checkpoint(path, model, opts, args, epoch, batch, step, fixed_z):
+    """ckpt.pt: where the run stands (epoch = whole epochs done, batch = batches done in the next),
+    written to a temporary file and renamed: a crash or a full disk never tears the old one."""
+    state = {"script": "vaegan", "args": vars(args), "epoch": epoch, "batch": batch, "step": step,
+             **{n: getattr(model, n).state_dict() for n in NETS},
+             **{"opt_" + n: opt.state_dict() for n, opt in zip(NETS, opts)},
+             "fixed_z": fixed_z.cpu()}
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: PyTorch's zip writer on a full disk
+        if os.path.lexists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        kept = "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was saved"
+        sys.exit(f"error: could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]}); "
+                 f"{kept}. Free some disk space, then resume")
+
+
+# -----------------------------------------------------------------------------
+# The paper's training step, its Algorithm 1, and the held-out losses at each epoch end.
+
+def average_gradients(params, world):
+    """What DDP does, by hand: average every gradient over the ranks, in one all-reduce."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for g, f in zip(grads, (flat / world).split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
+
+
+def train_step(nets, opts, x, gamma, dis_layer, amp=False, world=1, eps=None, z_p=None):
+    """One iteration of Algorithm 1: one forward pass of the three networks, then each network's
+    gradient of its own loss only (backward with inputs=), all of them before any optimizer step.
+    Stepping between the backward passes is what breaks ports on modern PyTorch ("modified by an
+    inplace operation"): the later backward needs the weights the step has just changed."""
+    enc, dec, dis = nets
+    b = x.shape[0]
+    # One decoder call on [z, z_p] and one discriminator call on [x, x~, x_p]: BatchNorm sees the
+    # joint batch, as in the authors' GAN pass, and f(x), f(x~) come from the same call.
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        mu, logvar = enc(x)                                        # B x latent each
+        z = reparameterise(mu, logvar, eps)
+        z_p = torch.randn(mu.shape, device=x.device) if z_p is None else z_p
+        fakes = dec(torch.cat([z, z_p.to(z.dtype)]))              # 2B x C x S x S: [x~, x_p]
+        logits, feats = dis(torch.cat([x, fakes]), dis_layer)      # 3B logits, 3B x N_l: [x, x~, x_p]
+        t = vaegan_loss(x, mu, logvar, fakes[:b], logits, feats, gamma)
+    losses = (t["loss_enc"], t["loss_dec"], t["loss_dis"])
+    params = [list(n.parameters()) for n in nets]
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    for i, (loss, ps) in enumerate(zip(losses, params)):  # no GAN gradient reaches Enc, none of Dec's reaches Dis
+        loss.backward(inputs=ps, retain_graph=i < 2)
+    if world > 1:
+        average_gradients([p for ps in params for p in ps], world)
+    for opt in opts:
+        opt.step()
+    return t
+
+
+def evaluate(model, images, dis_layer, seed):
+    """Held-out KL, feature MSE and pixel MSE per image: eval mode, no gradients, batches of 256,
+    z ~ q(z|x) with eps from a CPU generator of a fixed seed, so that epochs and devices compare.
+    The numbers must not depend on the device or the speed options either: plain float32 (no
+    autocast after --amp training, no TF32 convolutions or matmuls)."""
+    device = next(model.parameters()).device
+    gen, sums = torch.Generator().manual_seed(seed), torch.zeros(3, device=device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            for i in range(0, len(images), 256):
+                x = data.to_float(images[i:i + 256].to(device))       # B x C x S x S, float32
+                mu, logvar = model.encode(x)
+                eps = torch.randn(mu.shape, generator=gen).to(device)
+                x_tilde = model.decode(reparameterise(mu, logvar, eps))
+                feats = model.discriminator(torch.cat([x, x_tilde]), dis_layer)[1]  # 2B x N_l: [x, x~]
+                terms = (kl_divergence(mu, logvar), feature_mse(feats[len(x):], feats[:len(x)]), pixel_mse(x_tilde, x))
+                sums += torch.stack(terms) * len(x)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        model.train()
+    return (sums / len(images)).tolist()
+
+
+# -----------------------------------------------------------------------------
+# The loss log: one row per logged step, and one held-out row (its training cells blank) per epoch end.
+
+LOGGED = ("kl", "feat_mse", "pixel_mse", "loss_dis", "gan_dec", "D(x)", "D(x_tilde)", "D(x_p)")
+COLUMNS = ["step", "epoch", *LOGGED, "img_per_s", "test_kl", "test_feat_mse", "test_pixel_mse"]
+
+
+def start_log(path, after_step=None):
+    """losses.csv with its header. On resume (after_step: the checkpoint's step) the old rows are
+    kept up to that step: rows a killed run logged after its last checkpoint would come twice."""
+    rows = []
+    if after_step is not None and os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= after_step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([COLUMNS] + rows)
+
+
+def write_row(path, row):
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+
+
+# -----------------------------------------------------------------------------
+# Stopping: Ctrl-C (SIGINT) and SIGTERM (what torchrun sends its workers on Ctrl-C) only raise a
+# flag; the step in flight finishes, the checkpoint is saved and the run exits with 128 + signal.
+# NaN/inf losses stop it too, keeping the last good checkpoint. All ranks agree at log steps.
+
+def catch_stop_signals():
+    caught, previous = [], {}
+
+    def handler(signum, _frame):
+        caught.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    for s in (signal.SIGINT, signal.SIGTERM):
+        previous[s] = signal.signal(s, handler)
+    return caught, previous
+
+
+def agree_to_stop(bad, caught, ddp, ckpt_path, where):
+    """The one host sync: any rank's non-finite loss or stop signal, known to every rank."""
+    flags = torch.stack([bad.float(), torch.tensor(float(caught[0] if caught else 0), device=bad.device)])
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    nonfinite, signum = flags.tolist()
+    if nonfinite:
+        kept = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was saved"
+        sys.exit(f"error: the losses became NaN/inf {where}; stopping: {kept} (try a lower --lr or --gamma)")
+    return int(signum)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    # --- Setup: flags (completed from the checkpoint), device, ranks, everything checked.
+    p, args = get_args(argv)
+    try:
+        ckpt = read_checkpoint(args.resume) if args.resume else None
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if ckpt:
+        restore_args(p, args, ckpt)
+    ddp = "RANK" in os.environ  # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = pick_device(args.device, ddp)
+    # A resumed run continues in its checkpoint's folder, wherever that folder has moved.
+    args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
+                            os.path.join("runs", f"vaegan-{os.path.basename(os.path.normpath(args.data))}"))
+    check_args(args, ckpt, device, ddp, rank)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # cuDNN's NHWC
+    args.img_size = args.img_size or (64 if args.data == "celeba" else 32)
+    torch.manual_seed(args.seed + rank)
+    epoch, batch, step = (ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]) if ckpt else (0, 0, 0)
+    train = epoch < args.epochs
+
+    # --- Data: decoded once into a uint8 cache, then served as [-1, 1] batches on the device.
+    # The held-out split (where the dataset has one) gives the test losses at each epoch end.
+    loader = test_images = None
+    if train:
+        try:
+            ds = data.load(args.data, root=args.data_root, split="train", img_size=args.img_size,
+                           channels=args.channels, crop=args.crop)
+            args.channels = ds.images.shape[1]
+            if data.has_test_split(args.data):
+                test_images = data.load(args.data, root=args.data_root, split="test", img_size=args.img_size,
+                                        channels=args.channels, crop=args.crop).images
+            loader = data.Loader(ds.images, args.batch_size, device, seed=args.seed, flip=args.flip,
+                                 rank=rank, world_size=world,
+                                 channels_last=memory_format == torch.channels_last)
+        except data.DataError as e:
+            sys.exit(f"error: {e}")
+        # The fixed inputs of recon_epoch_NNN.png: the first 32 training images, in rows of 8.
+        n_recon, row_len = min(32, len(ds.images)), min(8, len(ds.images))
+        recon_x = data.to_float(ds.images[:n_recon - n_recon % row_len]).to(device)
+    args.channels = args.channels or 3  # sampling only: the checkpoint normally says
+    log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+
+    # --- Networks: the three (plain, for the checkpoint, evaluation and sampling), one optimizer
+    # each, and the copies that train (torch.compile fuses kernels). Data-parallel without DDP:
+    # DDP reduces gradients from hooks that expect one forward and one full backward per step,
+    # but here one forward feeds three backward passes restricted with inputs=. So under torchrun
+    # every rank starts from rank 0's weights, and train_step averages the three gradient sets by
+    # hand (one all-reduce) before any step: the arithmetic of DDP. BatchNorm statistics stay per
+    # rank unless --sync-bn (rank 0's running averages are saved).
+    model, *opts = make_networks(args, ckpt, device, memory_format)  # opts: Enc's, Dec's, Dis's
+    fixed_z = (ckpt["fixed_z"] if ckpt else
+               torch.randn(64, args.latent_dim, generator=torch.Generator().manual_seed(args.seed))).to(device)
+    log("   ".join(f"{n}: {sum(t.numel() for t in getattr(model, n).parameters()):,} parameters" for n in NETS))
+    if ckpt:
+        log(f"resumed from {args.resume}: epoch {epoch + 1}, batch {batch}, step {step}")
     if ddp:
         if args.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            nets = [getattr(model, n) for n in NETS]
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
+    nets = [getattr(model, n) for n in NETS]
     train_nets = [torch.compile(n) for n in nets] if args.compile else nets
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
-    def save_checkpoint(done_epochs):
-        save_atomic({"script": "vaegan", "args": vars(args), "epoch": done_epochs, "step": step,
-                     **{n: net.state_dict() for n, net in zip(NETS, nets)},
-                     **{"opt_" + n: opt.state_dict() for n, opt in zip(NETS, opts)},
-                     "fixed_z": fixed_z.cpu()}, os.path.join(args.out, "ckpt.pt"))
-
-    def evaluate(images):
-        """Held-out KL, feature MSE and pixel MSE per image, eval mode, z sampled from a fixed seed."""
-        gen, sums = torch.Generator(device).manual_seed(args.seed), torch.zeros(3, device=device)
-        model.eval()
-        with torch.no_grad(), autocast():
-            for i in range(0, len(images), 256):
-                x = data.to_float(images[i:i + 256].to(device))
-                mu, logvar = model.encode(x)
-                eps = torch.randn(mu.shape, device=device, generator=gen).to(mu.dtype)
-                x_tilde = model.decode(reparameterise(mu, logvar, eps)).float()
-                feats = model.discriminator(torch.cat([x, x_tilde]), args.dis_layer)[1].float()
-                terms = (kl_divergence(mu.float(), logvar.float()), feature_mse(feats[len(x):], feats[:len(x)]),
-                         pixel_mse(x_tilde, x))
-                sums += torch.stack(terms) * len(x)
-        model.train()
-        return (sums / len(images)).tolist()
-
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "losses.csv")
-    columns = ["step", "epoch", *LOGGED, "img_per_s", "test_kl", "test_feat_mse", "test_pixel_mse"]
-    if rank == 0 and (not ckpt or not os.path.exists(csv_path)):
-        with open(csv_path, "w", newline="") as f:
-            csv.writer(f).writerow(columns)
-
-    def write_row(row):
-        if rank == 0:
-            with open(csv_path, "a", newline="") as f:
-                csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-
-    total_steps = args.epochs * len(loader) if train else 0
-    stop = interrupted = False
-
-    def on_ctrl_c(*_):  # finish the current step, save, exit; a second Ctrl-C kills at once
-        nonlocal interrupted
-        interrupted = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, on_ctrl_c)
-
-    def check_finite(where):  # one host sync, only at log steps and epoch ends
-        flag = bad.float()
-        if ddp:  # every rank stops together, so none is left waiting in an all-reduce
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
-            sys.exit(f"error: the losses became NaN/inf {where}; stopping. The last good checkpoint is "
-                     f"{os.path.join(args.out, 'ckpt.pt')} (try a lower --lr or --gamma)")
+    # --- Training: epochs of Algorithm 1, logged to losses.csv; each epoch (or the run, when it
+    # stops early) ends with the held-out losses (not after a stop signal), a grid of the fixed z,
+    # the reconstructions of the fixed inputs, the loss plot and the checkpoint.
+    ckpt_path, csv_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "losses.csv")
+    if rank == 0 and train:
+        start_log(csv_path, after_step=step if ckpt else None)
+    caught, previous_handlers = catch_stop_signals()
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
-    while train and epoch < args.epochs and not stop:
+    n = len(loader) if train else 1  # batches per epoch
+    signum = 0
+    while train and epoch < args.epochs and not signum:
         model.train()
-        t0, seen = time.perf_counter(), 0
-        for x in loader.epoch(epoch):  # x: B x C x S x S in [-1, 1], already on the device
-            b = x.shape[0]
-            t = train_step(train_nets, opts, x, args.gamma, args.dis_layer, autocast, world)
-            step += 1
-            seen += b * world
-            # Only a flag on the device: no host synchronisation inside the step.
-            bad |= ~torch.isfinite(t["loss_enc"].detach() + t["loss_dec"].detach() + t["loss_dis"].detach())
-            stop = bool(args.max_steps and step >= args.max_steps) or interrupted
-            if step % args.log_every == 0 or stop:
-                check_finite(f"by step {step}")
+        t0, seen, first = time.perf_counter(), 0, min(batch, n)
+        for batch, x in enumerate(loader.epoch(epoch, start=first), start=first):  # B x C x S x S in [-1, 1]
+            t = train_step(train_nets, opts, x, args.gamma, args.dis_layer, args.amp, world)
+            step, seen = step + 1, seen + x.shape[0] * world
+            bad |= ~torch.isfinite(t["loss_enc"].detach() + t["loss_dec"].detach() + t["loss_dis"].detach())  # no sync
+            at_max = bool(args.max_steps and step >= args.max_steps)
+            if step % args.log_every == 0 or at_max or (caught and not ddp):
+                signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"by step {step}")
                 rate = seen / (time.perf_counter() - t0)
-                eta = (total_steps - step) * b * world / rate
                 v = {k: t[k].item() for k in LOGGED}
-                log(f"[{epoch + 1}/{args.epochs}][{step}/{total_steps}] KL {v['kl']:.2f} feat_mse {v['feat_mse']:.4f} "
-                    f"pixel_mse {v['pixel_mse']:.2f}  Loss_D {v['loss_dis']:.3f} GAN_dec {v['gan_dec']:.3f}  "
-                    f"D(x) {v['D(x)']:.2f} D(x~) {v['D(x_tilde)']:.2f} D(x_p) {v['D(x_p)']:.2f}  "
-                    f"{rate:.0f} img/s  ETA {eta / 60:.1f} min")
-                write_row([step, epoch + 1, *v.values(), rate, "", "", ""])
-            if stop:
+                eta = (args.epochs * n - epoch * n - batch - 1) * x.shape[0] * world / rate
+                log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} KL {v['kl']:.2f} "
+                    f"feat_mse {v['feat_mse']:.4f} pixel_mse {v['pixel_mse']:.2f}  Loss_D {v['loss_dis']:.3f} "
+                    f"GAN_dec {v['gan_dec']:.3f}  D(x) {v['D(x)']:.2f} D(x~) {v['D(x_tilde)']:.2f} "
+                    f"D(x_p) {v['D(x_p)']:.2f}  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
+                if rank == 0:
+                    write_row(csv_path, [step, epoch + 1, *v.values(), rate, "", "", ""])
+            if at_max or signum:
                 break
-
-        # End of epoch (or of the run): held-out losses, fixed-z samples and reconstructions
-        # in eval mode, plot, checkpoint.
-        check_finite(f"in epoch {epoch + 1}")
-        epoch += 0 if interrupted else 1  # an interrupted epoch is run again from its start
-        if rank == 0 and not interrupted:
+        # Where the run stands: whole epochs done, and batches done in the next one.
+        batch = batch + 1 if first < n else n
+        epoch, batch = (epoch + 1, 0) if batch == n else (epoch, batch)
+        signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"in epoch {epoch + 1}")
+        label = epoch if batch == 0 else epoch + 1  # a partial epoch is named after itself
+        if rank == 0 and not signum:
             t1 = time.perf_counter()
-            msg = f"====> epoch {epoch} ({t1 - t0:.1f} s)"
+            msg = f"====> epoch {label} ({t1 - t0:.1f} s)"
             if test_images is not None:
-                test = evaluate(test_images)
-                write_row([step, epoch] + [""] * (len(LOGGED) + 1) + test)
+                test = evaluate(model, test_images, args.dis_layer, args.seed)
+                write_row(csv_path, [step, label] + [""] * (len(LOGGED) + 1) + test)
                 msg += (f", test KL {test[0]:.2f} feat_mse {test[1]:.4f} pixel_mse {test[2]:.2f} "
                         f"({time.perf_counter() - t1:.1f} s)")
             log(msg)
@@ -481,31 +622,36 @@ def main(argv=None):
                 grid = model.decode(fixed_z).float()
                 pairs = torch.stack([recon_x, model.decode(model.encode(recon_x)[0]).float()], 1)
             model.train()
-            vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{epoch:03d}.png"),
+            vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{label:03d}.png"),
                               nrow=8, normalize=True, value_range=(-1, 1))
             # Rows of 8 inputs, each above its 8 reconstructions decode(mu).
             pairs = pairs.view(-1, row_len, 2, *recon_x.shape[1:]).transpose(1, 2).flatten(0, 2)
-            vutils.save_image(pairs, os.path.join(args.out, f"recon_epoch_{epoch:03d}.png"),
+            vutils.save_image(pairs, os.path.join(args.out, f"recon_epoch_{label:03d}.png"),
                               nrow=row_len, normalize=True, value_range=(-1, 1))
             metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
-            save_checkpoint(epoch)
-        if interrupted:
-            log(f"interrupted: checkpoint saved to {os.path.join(args.out, 'ckpt.pt')}")
-            stop = True
+            save_checkpoint(ckpt_path, model, opts, args, epoch, batch, step, fixed_z)
+        if args.max_steps and step >= args.max_steps:
+            break
+    for s, h in previous_handlers.items():
+        signal.signal(s, h)
+    if signum:
+        log(f"stopped by signal {signum}: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(128 + signum)  # 130 for Ctrl-C, as shells expect
 
-    # Samples for metrics.py: N single PNGs decoded from fresh z ~ N(0, I), eval mode.
+    # --- Sampling: N single PNGs decoded from fresh z ~ N(0, I) for metrics.py, eval mode.
     if args.sample and rank == 0:
-        out = os.path.join(args.out, "samples")
-        os.makedirs(out, exist_ok=True)
         model.eval()
         gen = torch.Generator(device).manual_seed(args.seed + 1)
         with torch.no_grad():
             for i in range(0, args.sample, 500):
                 z = torch.randn(min(500, args.sample - i), args.latent_dim, device=device, generator=gen)
-                imgs = ((model.decode(z).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
-                for j, img in enumerate(imgs):  # [-1, 1] -> uint8 C x H x W -> 1- or 3-channel PNG
-                    to_pil_image(img).save(os.path.join(out, f"{i + j:06d}.png"))
-        log(f"wrote {args.sample} samples to {out}")
+                try:
+                    data.write_pngs(model.decode(z), os.path.join(args.out, "samples"), first=i)
+                except data.DataError as e:
+                    sys.exit(f"error: {e}")
+        log(f"wrote {args.sample} samples to {os.path.join(args.out, 'samples')}")
     if ddp:
         dist.destroy_process_group()
 

@@ -19,7 +19,8 @@ import vaegan
 from vae_helpers import KL_HAND, KL_LOGVAR, KL_MU, rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--data", "fake", "--width", "8", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1"]
+SMALL = ["--data", "fake", "--width", "8", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1",
+         "--device", "cpu"]
 COLUMNS = ["step", "epoch", "kl", "feat_mse", "pixel_mse", "loss_dis", "gan_dec", "D(x)", "D(x_tilde)", "D(x_p)",
            "img_per_s", "test_kl", "test_feat_mse", "test_pixel_mse"]
 
@@ -39,7 +40,7 @@ def trained(tmp_path_factory):
 
 
 def copy_of(trained, tmp_path):
-    """A private copy of the shared run; resume it with --out (the checkpoint's own --out is the original)."""
+    """A private copy of the shared run (a resumed run writes in its checkpoint's folder)."""
     return shutil.copytree(trained, str(tmp_path / "run"))
 
 
@@ -79,7 +80,7 @@ def test_architecture_is_the_papers_at_64_and_keeps_its_layers_at_32():
 
 def test_bad_image_size_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="multiple of 8"):
-        run(tmp_path, "--img-size", "36", "--epochs", "0")
+        run(tmp_path, "--img-size", "36")
 
 
 def test_loss_terms_match_hand_computations():
@@ -169,7 +170,8 @@ def test_trains_a_few_steps_and_writes_every_file(tmp_path, size):
     assert [x["step"] for x in r] == ["1", "2", "2"] and r[-1]["kl"] == "" and r[0]["test_kl"] == ""
     assert all(0 < float(x[k]) < 1 for x in r[:2] for k in ("D(x)", "D(x_tilde)", "D(x_p)"))
     c = ckpt(out)
-    assert c["script"] == "vaegan" and c["step"] == 2 and c["epoch"] == 1 and c["fixed_z"].shape == (64, 8)
+    assert c["script"] == "vaegan" and c["step"] == 2 and (c["epoch"], c["batch"]) == (0, 2)  # 2 of 256 batches
+    assert c["fixed_z"].shape == (64, 8)
     assert type(c["opt_encoder"]["state"][0]["exp_avg" if extra else "square_avg"]) is torch.Tensor
     # The held-out KL is the closed form over the test split, from the saved encoder alone.
     m = vaegan.load_model(os.path.join(out, "ckpt.pt"))
@@ -179,26 +181,61 @@ def test_trains_a_few_steps_and_writes_every_file(tmp_path, size):
     assert float(r[-1]["test_kl"]) == pytest.approx(kl.item(), rel=1e-4)
 
 
+def test_held_out_losses_are_float32_whatever_the_training_precision(tmp_path):
+    """After a bfloat16 (--amp) step the held-out row is still a float32 evaluation of the saved
+    networks: here recomputed by hand from ckpt.pt, eval mode, the script's z draws (seed 0,
+    batches of 256), Dis_l read with a hook on the 4th conv."""
+    out = run(tmp_path, "--img-size", "16", "--max-steps", "1", "--amp")
+    assert ckpt(out)["args"]["amp"] is True
+    logged = [float(rows(out)[-1][k]) for k in ("test_kl", "test_feat_mse", "test_pixel_mse")]
+    m, feats = vaegan.load_model(os.path.join(out, "ckpt.pt")), {}
+    conv = [c for c in m.discriminator.modules() if isinstance(c, nn.Conv2d)][3]
+    conv.register_forward_hook(lambda mod, i, o: feats.update(out=o.flatten(1)))
+    images = data.load("fake", split="test", img_size=16).images
+    gen, sums = torch.Generator().manual_seed(0), torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(images), 256):
+            x = images[i:i + 256].float() / 127.5 - 1
+            mu, logvar = m.encode(x)
+            x_tilde = m.decode(mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen))
+            m.discriminator(torch.cat([x, x_tilde]))
+            f_x, f_tilde = feats["out"].split(len(x))
+            sums += torch.stack([0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(),   # KL, summed over images
+                                 (f_tilde - f_x).pow(2).mean(1).sum(),                 # feature MSE per image
+                                 ((x_tilde - x) / 2).pow(2).sum()]).double()            # [0, 1] pixel SSE
+    for name, got, want in zip(("KL", "feat_mse", "pixel_mse"), logged, (sums / len(images)).tolist()):
+        assert got == pytest.approx(want, rel=1e-5), name  # under bfloat16 autocast: KL, feat_mse off by ~1e-3
+
+
+@pytest.mark.parametrize("flags, says", [(["--gamma", "nan"], "--gamma"), (["--gamma", "-1"], "--gamma"),
+                                         (["--width", "0"], "--width"), (["--width", "5"], "--width must be an even")])
+def test_its_own_bad_flags_are_one_sentence_before_any_data_is_read(tmp_path, monkeypatch, flags, says):
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("data was read before the flags were checked"))
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, *flags)
+    assert e.value.code.startswith("error: ") and says in e.value.code and "\n" not in e.value.code
+
+
 def test_resume_continues_step_count_optimizer_state_and_log(trained, tmp_path):
     out = copy_of(trained, tmp_path)
     first = ckpt(out)
-    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--out", out, "--max-steps", "5", "--epochs", "3"])
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "5", "--epochs", "3", "--device", "cpu"])
     second = ckpt(out)
-    assert second["step"] == 5 and second["epoch"] == 2
+    assert second["step"] == 5 and (second["epoch"], second["batch"]) == (0, 5)  # still in epoch 1 of 128 batches
     for name in vaegan.NETS:  # each RMSprop's step counter continued instead of restarting at 0
         assert second["opt_" + name]["state"][0]["step"].item() == 5
     assert torch.equal(first["fixed_z"], second["fixed_z"])
     assert not torch.equal(first["encoder"]["fc_mu.weight"], second["encoder"]["fc_mu.weight"])
     r = rows(out)
     assert [int(x["step"]) for x in r if x["kl"]] == [1, 2, 3, 4, 5]
-    assert [int(x["epoch"]) for x in r if x["test_kl"]] == [1, 2]
+    assert [int(x["epoch"]) for x in r if x["test_kl"]] == [1, 1]  # each run ended in (part of) epoch 1
     # Flags not given again came from the checkpoint.
     assert (second["args"]["width"], second["args"]["img_size"], second["args"]["gamma"]) == (8, 16, 15)
 
 
 def test_sample_and_load_model_from_the_checkpoint_alone(trained, tmp_path):
     out = copy_of(trained, tmp_path)
-    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--out", out, "--epochs", "0", "--sample", "5"])
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "5", "--device", "cpu"])
     files = sorted(os.listdir(os.path.join(out, "samples")))
     assert files == [f"{i:06d}.png" for i in range(5)]
     img = Image.open(os.path.join(out, "samples", files[0]))
@@ -217,7 +254,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(trained, tmp_
     monkeypatch.setattr(vaegan, "bce", lambda logits, t: F.binary_cross_entropy_with_logits(
         logits, torch.full_like(logits, t)) * float("nan"))
     with pytest.raises(SystemExit, match="NaN"):
-        vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--out", out, "--max-steps", "4", "--epochs", "3"])
+        vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "4", "--epochs", "3", "--device", "cpu"])
     after = ckpt(out)
     assert after["step"] == good["step"] == 2
     assert torch.equal(after["decoder"]["net.0.weight"], good["decoder"]["net.0.weight"])
@@ -233,26 +270,32 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return real_bce(logits, t)
     monkeypatch.setattr(vaegan, "bce", bce_then_interrupt)
+    out = str(tmp_path / "run")
     try:
-        out = run(tmp_path, "--epochs", "2")
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, "--epochs", "2")
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert e.value.code == 130  # 128 + SIGINT, as shells expect
     c = ckpt(out)
-    assert c["step"] == 2 and c["epoch"] == 0  # the interrupted epoch runs again on resume
-    assert not any(x["test_kl"] for x in rows(out))
+    assert (c["epoch"], c["batch"], c["step"]) == (0, 2, 2)  # step 2 finished, then saved: resume goes on at batch 3
+    assert not any(x["test_kl"] for x in rows(out))  # no held-out row after a stop signal
 
 
 def test_bad_resume_paths_are_refused(trained, tmp_path):
-    with pytest.raises(SystemExit, match="cannot read checkpoint"):
-        vaegan.main(["--resume", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        vaegan.main(["--resume", str(tmp_path / "missing.pt"), "--device", "cpu"])
     other = tmp_path / "other.pt"
     torch.save({"script": "vae_conv", "args": {}}, other)
     with pytest.raises(SystemExit, match="not written by vaegan.py"):
-        vaegan.main(["--resume", str(other)])
-    with pytest.raises(ValueError, match="not vaegan"):
+        vaegan.main(["--resume", str(other), "--device", "cpu"])
+    with pytest.raises(ValueError, match="not written by vaegan.py"):
         vaegan.load_model(str(other))
-    with pytest.raises(SystemExit, match="does not fit"):
-        vaegan.main(["--resume", os.path.join(trained, "ckpt.pt"), "--width", "16", "--epochs", "0"])
+    resume = ["--resume", os.path.join(trained, "ckpt.pt"), "--epochs", "0", "--sample", "1", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="--width 8, which --width 16 does not fit"):
+        vaegan.main(resume + ["--width", "16"])
+    with pytest.raises(SystemExit, match="--optim rmsprop, which --optim adam does not fit"):
+        vaegan.main(resume + ["--optim", "adam"])  # RMSprop's state is no Adam state
 
 
 def test_command_line_entry_point(tmp_path):
@@ -269,6 +312,6 @@ def test_command_line_entry_point(tmp_path):
             f"discriminator: {dis:,} parameters") in r.stdout
     assert "test KL" in r.stdout
     assert len(os.listdir(os.path.join(out, "samples"))) == 3
-    r = subprocess.run([sys.executable, "vaegan.py", "--data", "no-such-set", "--out", out], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "vaegan.py", "--data", "no-such-set", "--out", out, "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
