@@ -10,6 +10,7 @@ and the updates of its Algorithm 1, with RMSprop at 3e-4 and batch 64.
     torchrun --nproc_per_node=2 vaegan.py --data celeba        # data-parallel on 2 devices
 """
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -293,6 +294,9 @@ def check_args(args, ckpt, device, ddp, rank):
     if args.epochs <= done and not args.sample:
         sys.exit(f"error: nothing to train: {f'{args.resume} has finished {done} epochs' if ckpt else '--epochs is 0'} "
                  f"and no --sample was asked for; raise --epochs to train on")
+    if ckpt and args.epochs > done and 0 < args.max_steps <= ckpt["step"]:
+        sys.exit(f"error: nothing to train: {args.resume} is already at step {ckpt['step']} and --max-steps "
+                 f"is {args.max_steps}; raise --max-steps or drop it")
     for k in SHAPE_FLAGS if ckpt else []:  # a flag given again that the checkpoint does not fit
         if ckpt["args"].get(k) is not None and getattr(args, k) not in (None, ckpt["args"][k]):
             flag = "--" + k.replace("_", "-")
@@ -477,7 +481,10 @@ def write_row(path, row):
 # flag; the step in flight finishes, the checkpoint is saved and the run exits with 128 + signal.
 # NaN/inf losses stop it too, keeping the last good checkpoint. All ranks agree at log steps.
 
-def catch_stop_signals():
+@contextlib.contextmanager
+def stop_signals():
+    """While training, Ctrl-C and SIGTERM only add their number to the list this yields; the
+    previous handlers come back when the block ends, however it ends."""
     caught, previous = [], {}
 
     def handler(signum, _frame):
@@ -485,7 +492,11 @@ def catch_stop_signals():
         signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
     for s in (signal.SIGINT, signal.SIGTERM):
         previous[s] = signal.signal(s, handler)
-    return caught, previous
+    try:
+        yield caught
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def agree_to_stop(bad, caught, ddp, ckpt_path, where):
@@ -577,63 +588,61 @@ def main(argv=None):
     ckpt_path, csv_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "losses.csv")
     if rank == 0 and train:
         start_log(csv_path, after_step=step if ckpt else None)
-    caught, previous_handlers = catch_stop_signals()
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
     n = len(loader) if train else 1  # batches per epoch
     signum = 0
-    while train and epoch < args.epochs and not signum:
-        model.train()
-        t0, seen, first = time.perf_counter(), 0, min(batch, n)
-        for batch, x in enumerate(loader.epoch(epoch, start=first), start=first):  # B x C x S x S in [-1, 1]
-            t = train_step(train_nets, opts, x, args.gamma, args.dis_layer, args.amp, world)
-            step, seen = step + 1, seen + x.shape[0] * world
-            bad |= ~torch.isfinite(t["loss_enc"].detach() + t["loss_dec"].detach() + t["loss_dis"].detach())  # no sync
-            at_max = bool(args.max_steps and step >= args.max_steps)
-            if step % args.log_every == 0 or at_max or (caught and not ddp):
-                signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"by step {step}")
-                rate = seen / (time.perf_counter() - t0)
-                v = {k: t[k].item() for k in LOGGED}
-                eta = (args.epochs * n - epoch * n - batch - 1) * x.shape[0] * world / rate
-                log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} KL {v['kl']:.2f} "
-                    f"feat_mse {v['feat_mse']:.4f} pixel_mse {v['pixel_mse']:.2f}  Loss_D {v['loss_dis']:.3f} "
-                    f"GAN_dec {v['gan_dec']:.3f}  D(x) {v['D(x)']:.2f} D(x~) {v['D(x_tilde)']:.2f} "
-                    f"D(x_p) {v['D(x_p)']:.2f}  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
-                if rank == 0:
-                    write_row(csv_path, [step, epoch + 1, *v.values(), rate, "", "", ""])
-            if at_max or signum:
-                break
-        # Where the run stands: whole epochs done, and batches done in the next one.
-        batch = batch + 1 if first < n else n
-        epoch, batch = (epoch + 1, 0) if batch == n else (epoch, batch)
-        signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"in epoch {epoch + 1}")
-        label = epoch if batch == 0 else epoch + 1  # a partial epoch is named after itself
-        if rank == 0 and not signum:
-            t1 = time.perf_counter()
-            msg = f"====> epoch {label} ({t1 - t0:.1f} s)"
-            if test_images is not None:
-                test = evaluate(model, test_images, args.dis_layer, args.seed)
-                write_row(csv_path, [step, label] + [""] * (len(LOGGED) + 1) + test)
-                msg += (f", test KL {test[0]:.2f} feat_mse {test[1]:.4f} pixel_mse {test[2]:.2f} "
-                        f"({time.perf_counter() - t1:.1f} s)")
-            log(msg)
-        if rank == 0:
-            model.eval()
-            with torch.no_grad():
-                grid = model.decode(fixed_z).float()
-                pairs = torch.stack([recon_x, model.decode(model.encode(recon_x)[0]).float()], 1)
+    with stop_signals() as caught:
+        while train and epoch < args.epochs and not signum:
             model.train()
-            vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{label:03d}.png"),
-                              nrow=8, normalize=True, value_range=(-1, 1))
-            # Rows of 8 inputs, each above its 8 reconstructions decode(mu).
-            pairs = pairs.view(-1, row_len, 2, *recon_x.shape[1:]).transpose(1, 2).flatten(0, 2)
-            vutils.save_image(pairs, os.path.join(args.out, f"recon_epoch_{label:03d}.png"),
-                              nrow=row_len, normalize=True, value_range=(-1, 1))
-            metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
-            save_checkpoint(ckpt_path, model, opts, args, epoch, batch, step, fixed_z)
-        if args.max_steps and step >= args.max_steps:
-            break
-    for s, h in previous_handlers.items():
-        signal.signal(s, h)
+            t0, seen, first = time.perf_counter(), 0, min(batch, n)
+            for batch, x in enumerate(loader.epoch(epoch, start=first), start=first):  # B x C x S x S in [-1, 1]
+                t = train_step(train_nets, opts, x, args.gamma, args.dis_layer, args.amp, world)
+                step, seen = step + 1, seen + x.shape[0] * world
+                bad |= ~torch.isfinite(t["loss_enc"].detach() + t["loss_dec"].detach() + t["loss_dis"].detach())  # no sync
+                at_max = bool(args.max_steps and step >= args.max_steps)
+                if step % args.log_every == 0 or at_max or (caught and not ddp):
+                    signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"by step {step}")
+                    rate = seen / (time.perf_counter() - t0)
+                    v = {k: t[k].item() for k in LOGGED}
+                    eta = (args.epochs * n - epoch * n - batch - 1) * x.shape[0] * world / rate
+                    log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} KL {v['kl']:.2f} "
+                        f"feat_mse {v['feat_mse']:.4f} pixel_mse {v['pixel_mse']:.2f}  Loss_D {v['loss_dis']:.3f} "
+                        f"GAN_dec {v['gan_dec']:.3f}  D(x) {v['D(x)']:.2f} D(x~) {v['D(x_tilde)']:.2f} "
+                        f"D(x_p) {v['D(x_p)']:.2f}  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
+                    if rank == 0:
+                        write_row(csv_path, [step, epoch + 1, *v.values(), rate, "", "", ""])
+                if at_max or signum:
+                    break
+            # Where the run stands: whole epochs done, and batches done in the next one.
+            batch = batch + 1 if first < n else n
+            epoch, batch = (epoch + 1, 0) if batch == n else (epoch, batch)
+            label = epoch if batch == 0 else epoch + 1  # a partial epoch is named after itself
+            signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"in epoch {label}")
+            if rank == 0 and not signum:
+                t1 = time.perf_counter()
+                msg = f"====> epoch {label} ({t1 - t0:.1f} s)"
+                if test_images is not None:
+                    test = evaluate(model, test_images, args.dis_layer, args.seed)
+                    write_row(csv_path, [step, label] + [""] * (len(LOGGED) + 1) + test)
+                    msg += (f", test KL {test[0]:.2f} feat_mse {test[1]:.4f} pixel_mse {test[2]:.2f} "
+                            f"({time.perf_counter() - t1:.1f} s)")
+                log(msg)
+            if rank == 0:
+                model.eval()
+                with torch.no_grad():
+                    grid = model.decode(fixed_z).float()
+                    pairs = torch.stack([recon_x, model.decode(model.encode(recon_x)[0]).float()], 1)
+                model.train()
+                vutils.save_image(grid, os.path.join(args.out, f"grid_epoch_{label:03d}.png"),
+                                  nrow=8, normalize=True, value_range=(-1, 1))
+                # Rows of 8 inputs, each above its 8 reconstructions decode(mu).
+                pairs = pairs.view(-1, row_len, 2, *recon_x.shape[1:]).transpose(1, 2).flatten(0, 2)
+                vutils.save_image(pairs, os.path.join(args.out, f"recon_epoch_{label:03d}.png"),
+                                  nrow=row_len, normalize=True, value_range=(-1, 1))
+                metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
+                save_checkpoint(ckpt_path, model, opts, args, epoch, batch, step, fixed_z)
+            if args.max_steps and step >= args.max_steps:
+                break
     if signum:
         log(f"stopped by signal {signum}: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
         if ddp:
