@@ -330,6 +330,22 @@ def test_resumed_optimizer_state_has_its_parameters_device_dtype_and_layout(two_
     assert optimizers and checked
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA test: needs a GPU")
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_cpu_checkpoint_resumes_on_cuda_in_bf16_and_back_on_the_cpu(two_steps, tmp_path, script):
+    """The crash this guards against: Adam/RMSprop state left on the CPU, or in NCHW strides,
+    under CUDA's fused optimizer steps (bf16 autocast, channels-last: the CUDA defaults)."""
+    out = copy_run(two_steps, script, tmp_path)
+    run(script, out, "--resume", str(out / "ckpt.pt"), "--max-steps", "4", "--device", "cuda")
+    c = ckpt(out)
+    assert (c["epoch"], c["batch"], c["step"]) == (0, 4, 4)
+    run(script, out, "--resume", str(out / "ckpt.pt"), "--max-steps", "5")  # and back on the CPU
+    assert ckpt(out)["step"] == 5
+    with open(out / "losses.csv", newline="") as f:
+        rows = [r for r in list(csv.reader(f))[1:] if r and r[2] != ""]
+    assert all(np.isfinite(float(v)) for r in rows for v in r[2:] if v != "")
+
+
 # ---------------------------------------------------------------- the command line
 
 def test_ctrl_c_on_the_command_line_exits_130_with_a_resumable_checkpoint(tmp_path):
