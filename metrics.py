@@ -1,4 +1,4 @@
-"""metrics.py: Inception Score, FID and Laplacian variance of image sets; loss plots.
+"""metrics.py: Inception Score, FID, KID, precision/recall and Laplacian variance of image sets; loss plots.
 
 Each number is defined exactly as the reference tool that published tables use computes it:
 
@@ -9,19 +9,27 @@ Each number is defined exactly as the reference tool that published tables use c
 * IS (Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498) as
   toshas/torch-fidelity computes it: the same network's 1008-way logits without the fc bias,
   softmax, 10 splits of a fixed (seed 2020) shuffle, exp of the mean KL per split, mean and std.
+* KID (Binkowski et al. 2018, "Demystifying MMD GANs", arXiv:1801.01401) as torch-fidelity: the
+  unbiased MMD^2 with the kernel (x.y / d + 1)^3 on the pool3 features, 100 random subsets of
+  1,000 per set (seed 2020), mean and std.
+* Precision and recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for
+  Assessing Generative Models", arXiv:1904.06991) as torch-fidelity, k = 3, on the pool3 features
+  (torch-fidelity's default features are VGG-16's, so its default numbers differ).
 * Laplacian variance (sharpness; the VAE/GAN/VAE-GAN reports' blur measure) as OpenCV's
   cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var(), per image, averaged.
 
-One feature pass gives FID's features and IS's logits, both through pytorch-fid's input pipeline
-(PyTorch bilinear resize to 299, 2x - 1); torch-fidelity resizes like TF 1.x and scales by
-(x - 128) / 128, so its IS can differ in the last digits. A set is an image folder, a statistics
-file (.npz with mu and sigma, pytorch-fid's format) or a dataset name of data.py (mnist, ...).
+One feature pass gives all of them, through pytorch-fid's input pipeline (PyTorch bilinear resize
+to 299, 2x - 1); torch-fidelity resizes like TF 1.x and scales by (x - 128) / 128, so its IS can
+differ in the last digits. A set is an image folder, a dataset name of data.py (mnist, ...), a
+features file (.npy, N x 2048 pool3 features from --save-features: no IS or Laplacian variance) or
+a statistics file (.npz with mu and sigma, pytorch-fid's format: FID only).
 
-    python metrics.py runs/dcgan-cifar10/samples --ref cifar10            # IS, FID, Laplacian var.
+    python metrics.py runs/dcgan-cifar10/samples --ref cifar10      # IS, FID, KID, P/R, Laplacian var.
     python metrics.py runs/vae_conv-mnist/samples runs/vaegan-mnist/samples --ref mnist --json
-    python metrics.py my_images/ --save-stats my_stats.npz                  # reusable FID statistics
-    python metrics.py runs/vae_conv-mnist/samples --lapvar-only             # no network needed
-    python metrics.py --plot runs/dcgan-mnist/losses.csv                    # redraw losses.png
+    python metrics.py my_images/ --save-features my_feats.npy         # a reusable reference
+    python metrics.py my_images/ --save-stats my_stats.npz            # FID statistics (pytorch-fid's)
+    python metrics.py runs/vae_conv-mnist/samples --lapvar-only       # no network needed
+    python metrics.py --plot runs/dcgan-mnist/losses.csv              # redraw losses.png
 """
 import argparse
 import contextlib
@@ -55,6 +63,11 @@ DOWNLOAD_TIMEOUT_S = 15     # socket timeout: an offline machine fails fast inst
 FID_DIMS = 2048             # pool3 features; fewer images than this -> rank-deficient covariance
 IS_SPLITS = 10              # torch-fidelity defaults.py: isc_splits=10, samples_shuffle=True, rng_seed=2020
 IS_SEED = 2020
+KID_SUBSETS = 100           # torch-fidelity defaults.py: kid_subsets=100, kid_subset_size=1000, rng_seed=2020
+KID_SUBSET_SIZE = 1000
+KID_SEED = 2020
+PR_K = 3                    # torch-fidelity defaults.py: prc_neighborhood=3 (Kynkaenniemi et al.'s k)
+PR_BLOCK = 2048             # feature vectors per block of the precision/recall distances (memory bound)
 
 
 class MetricsError(ValueError):
@@ -403,6 +416,89 @@ def inception_score(logits, splits=IS_SPLITS, shuffle=True, seed=IS_SEED):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+# ------------------------------------------------------------------ KID, precision and recall
+# Both compare two sets of pool3 feature vectors: "features" (the set being evaluated, e.g.
+# generated images; torch-fidelity's input1) and "ref_features" (the reference; input2).
+
+def _check_feature_pair(features, ref_features):
+    shapes = np.shape(features), np.shape(ref_features)
+    if len(shapes[0]) != 2 or len(shapes[1]) != 2 or shapes[0][1] != shapes[1][1]:
+        raise MetricsError(f"the two sets' features must be N x d with the same d, got shapes "
+                           f"{shapes[0]} and {shapes[1]}")
+
+
+def kernel_inception_distance(features, ref_features, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
+                              seed=KID_SEED):
+    """(mean, std) of KID (Binkowski et al. 2018) as torch-fidelity kid_features_to_metric: the
+    unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3 on each of `subsets` pairs of random
+    subsets of subset_size vectors per set (np.random.RandomState(seed).choice without replacement,
+    the set's subset drawn before the reference's), in float64; std with ddof=0 (np.std).
+    A set smaller than subset_size makes the subsets that size (torch-fidelity refuses), with a note."""
+    _check_feature_pair(features, ref_features)
+    n, n_ref, d = len(features), len(ref_features), np.shape(features)[1]
+    m = min(subset_size, n, n_ref)
+    if m < 2:
+        raise MetricsError(f"KID needs at least 2 feature vectors per set, got {n} and {n_ref}")
+    if m < subset_size:
+        note(f"note: KID uses subsets of {m} feature vectors, not {subset_size}: a set has only "
+             f"{m} (torch-fidelity refuses this; the estimate is noisier)")
+    rng = np.random.RandomState(seed)
+    mmd2 = []
+    for _ in range(subsets):
+        x = np.asarray(features[rng.choice(n, m, replace=False)], dtype=np.float64)      # m x d
+        y = np.asarray(ref_features[rng.choice(n_ref, m, replace=False)], dtype=np.float64)
+        k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))  # k = (a.b / d + 1)^3
+        # MMD_u^2 = sum_{i != j} k(x_i, x_j) / (m (m-1)) + sum_{i != j} k(y_i, y_j) / (m (m-1))
+        #           - 2 sum_{i, j} k(x_i, y_j) / m^2
+        mmd2.append((k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+                    - 2 * k_xy.sum() / (m * m))
+    return float(np.mean(mmd2)), float(np.std(mmd2))
+
+
+@_float32_matmuls()
+def knn_radii(features, k=PR_K, block=PR_BLOCK, device="cpu"):
+    """||phi - NN_k(phi)|| for each row phi of features: the distance to its k-th nearest neighbour
+    in the same set, the radius of the ball around it (Kynkaenniemi et al. 2019). Float32 distances
+    (torch.cdist), as torch-fidelity on its float32 features. Memory: block x (block + k + 1) at a
+    time: the k + 1 smallest distances so far are kept while the columns pass in blocks."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
+    if len(x) <= k:
+        raise MetricsError(f"precision and recall with k = {k} need more than {k} feature vectors per set, "
+                           f"got {len(x)}")
+    radii = []
+    for rows in x.split(block):
+        smallest = rows.new_empty(len(rows), 0)
+        for cols in x.split(block):
+            both = torch.cat([smallest, torch.cdist(rows, cols)], dim=1)
+            smallest = both.topk(min(k + 1, both.shape[1]), dim=1, largest=False).values
+        radii.append(smallest[:, k])          # the (k+1)-th smallest: the nearest is phi itself, at 0
+    return torch.cat(radii)
+
+
+@_float32_matmuls()
+def precision_recall(features, ref_features, k=PR_K, block=PR_BLOCK, device="cpu", ref_radii=None):
+    """(precision, recall) of Kynkaenniemi et al. 2019 with k nearest neighbours, as torch-fidelity
+    prc_features_to_metric (which uses VGG-16 features by default; here they are pool3 features).
+    Distances are computed block x block (see knn_radii), never N x N. ref_radii: knn_radii of
+    ref_features, when already computed (several sets against one reference)."""
+    _check_feature_pair(features, ref_features)
+    radii = knn_radii(features, k, block, device)
+    ref_radii = knn_radii(ref_features, k, block, device) if ref_radii is None else ref_radii.to(device)
+    fake = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
+    real = torch.as_tensor(np.asarray(ref_features), dtype=torch.float32, device=device)
+    fake_in_real = torch.zeros(len(fake), dtype=torch.bool, device=device)
+    real_in_fake = torch.zeros(len(real), dtype=torch.bool, device=device)
+    for i in range(0, len(fake), block):
+        for j in range(0, len(real), block):
+            dist = torch.cdist(fake[i:i + block], real[j:j + block])
+            # f(phi, Phi) = 1 if ||phi - phi'|| <= ||phi' - NN_k(phi')|| for at least one phi' in Phi
+            fake_in_real[i:i + block] |= (dist <= ref_radii[j:j + block]).any(dim=1)
+            real_in_fake[j:j + block] |= (dist <= radii[i:i + block, None]).any(dim=0)
+    precision = fake_in_real.double().mean().item()     # 1/|Phi_g| sum over phi_g of f(phi_g, Phi_r)
+    recall = real_in_fake.double().mean().item()        # 1/|Phi_r| sum over phi_r of f(phi_r, Phi_g)
+    return precision, recall
+
+
 # ------------------------------------------------------------------ Laplacian variance
 
 # OpenCV 4 cvtColor RGB2GRAY for 8-bit images (color_rgb.simd.hpp, RGB2Gray<uchar>): ITU-R 601
@@ -435,21 +531,22 @@ def laplacian_variance(images_uint8):
     return lap.flatten(1).var(dim=1, unbiased=False).numpy()            # numpy .var(): ddof=0
 
 
-# ------------------------------------------------------------------ sets: folder, .npz or dataset
+# ------------------------------------------------------------------ sets: folder, .npz, .npy or dataset
 
 STAT_KEYS = ("n", "is_mean", "is_std", "lapvar", "lapvar_std")   # stored beside mu and sigma
 
 
-def load_stats(path):
-    """A statistics .npz (pytorch-fid's format: mu, sigma; ours adds n, IS and Laplacian var.)."""
+def load_stats(path, with_features=False):
+    """A statistics .npz (pytorch-fid's format: mu, sigma; ours adds n, IS and Laplacian var.).
+    with_features: also its pool3 features (N x d float32, in the reference cache only), if any."""
     expected = "give a file written by metrics.py --save-stats or pytorch-fid --save-stats"
     # A .npz is a zip archive of .npy arrays. For anything else (empty, text, a .npy, a truncated
     # download) np.load would try .npy and pickle formats and fail with misleading messages.
     if not zipfile.is_zipfile(path):
         raise MetricsError(f"{path} is not a .npz file (a zip archive of arrays); {expected}")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: np.asarray(f[k]) for k in f.files}    # a member that is no .npy: bytes
+        with np.load(path, allow_pickle=False) as f:           # a member that is no .npy: bytes
+            arrays = {k: np.asarray(f[k]) for k in f.files if k != "features" or with_features}
     except (OSError, ValueError, zipfile.BadZipFile) as e:     # ValueError: pickled object arrays
         raise MetricsError(f"{path} cannot be read as a .npz statistics file ({_reason(e)}); "
                            f"{expected}") from None
@@ -468,14 +565,52 @@ def load_stats(path):
     for key in STAT_KEYS + ("weights_sha256",):
         if key in arrays:
             stats[key] = arrays[key].item()
+    if "features" in arrays:
+        stats["features"] = _checked_features(arrays["features"], path)
     return stats
 
 
-def save_stats(path, stats):
-    """Write stats as a .npz (pytorch-fid's mu and sigma, and ours), atomically."""
-    keys = ("mu", "sigma", "weights_sha256") + STAT_KEYS
+def save_stats(path, stats, with_features=False):
+    """Write stats as a .npz (pytorch-fid's mu and sigma, and ours), atomically; with_features:
+    the pool3 features too (the reference cache: KID and precision/recall need them)."""
+    keys = ("mu", "sigma", "weights_sha256") + STAT_KEYS + (("features",) if with_features else ())
     arrays = {k: v for k, v in stats.items() if v is not None and k in keys}
     _write_atomically(path, lambda f: np.savez(f, **arrays), "the statistics file")
+
+
+def _checked_features(features, path):
+    """features as float32 N x d (lossless: the network computes in float32), or a MetricsError."""
+    if not isinstance(features, np.ndarray) or features.ndim != 2 or features.dtype.kind != "f":
+        what = f"{features.dtype} {features.shape}" if isinstance(features, np.ndarray) else "no single array"
+        raise MetricsError(f"{path} holds {what}, not float features N x d; give a file written by "
+                           f"metrics.py --save-features")
+    if len(features) < 2:
+        raise MetricsError(f"{path} holds {len(features)} feature vector(s); FID, KID and precision/recall "
+                           f"need at least 2")
+    if not np.isfinite(features).all():
+        raise MetricsError(f"{path} holds NaN or inf values; compute the features again with "
+                           f"metrics.py --save-features")
+    return features.astype(np.float32, copy=False)
+
+
+def load_features(path):
+    """A features file (.npy, N x d, written by --save-features): a set's pool3 features."""
+    if not os.path.isfile(path):
+        raise MetricsError(f"features file {path} does not exist")
+    try:
+        features = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:                 # text, empty, pickled objects
+        raise MetricsError(f"{path} cannot be read as a .npy features file ({_reason(e)}); give a file "
+                           f"written by metrics.py --save-features") from None
+    if isinstance(features, np.lib.npyio.NpzFile):               # a .npz renamed
+        features.close()
+        features = None
+    return _checked_features(features, path)
+
+
+def save_features(path, features):
+    """Write a set's pool3 features as a float32 .npy (N x d), atomically."""
+    _write_atomically(path, lambda f: np.save(f, np.asarray(features, dtype=np.float32)), "the features file")
 
 
 def _write_atomically(path, write, what):
@@ -519,38 +654,49 @@ def _file_sha256(path):
     return digest.hexdigest()[:16]
 
 
+def _first_n(items, spec, args, what):
+    """--n: the first N images (or feature vectors) of a set."""
+    if args.n is not None and len(items) < args.n:
+        note(f"note: {spec} has {len(items)} {what}, fewer than --n {args.n}; using all")
+    return items[:args.n] if args.n is not None else items
+
+
 def open_set(spec, args):
-    """Where a set comes from: ("npz", stats), ("folder", [paths]) or ("dataset", (name, split)).
-    A .npz is read here, so that a bad one fails before any long feature pass."""
+    """Where a set comes from: ("npz", stats), ("features", N x d array), ("folder", [paths]) or
+    ("dataset", (name, split)). Files are read here, so that a bad one fails before any long pass."""
     if spec.endswith(".npz"):
         if not os.path.isfile(spec):
             raise MetricsError(f"statistics file {spec} does not exist")
         return "npz", load_stats(spec)
+    if spec.endswith(".npy"):
+        return "features", _first_n(load_features(spec), spec, args, "feature vectors")
     if os.path.isdir(spec):
-        files = data.list_images(spec)
-        if args.n is not None:
-            if len(files) < args.n:
-                note(f"note: {spec} has {len(files)} images, fewer than --n {args.n}; using all")
-            files = files[:args.n]
-        return "folder", files
+        return "folder", _first_n(data.list_images(spec), spec, args, "images")
     name, _, split = spec.partition(":")
     if name in data.DATASETS:
         return "dataset", (name, split or "train")
-    raise MetricsError(f"{spec} is not an image folder, a .npz statistics file or a dataset name "
-                       f"({', '.join(data.DATASETS)}, optionally with :test)")
+    raise MetricsError(f"{spec} is not an image folder, a .npz statistics file, a .npy features file or "
+                       f"a dataset name ({', '.join(data.DATASETS)}, optionally with :test)")
 
 
 def evaluate_set(spec, opened, args, get_model):
-    """IS, FID statistics and Laplacian variance of one set (opened = open_set(spec, args)), as a
-    dict with mu, sigma, n, is_mean, is_std, lapvar, lapvar_std where available."""
+    """IS, FID statistics, pool3 features and Laplacian variance of one set (opened =
+    open_set(spec, args)), as a dict with n, mu, sigma, features (N x 2048 float32), is_mean,
+    is_std, lapvar, lapvar_std where available: a .npz gives mu and sigma only, a .npy no IS or
+    Laplacian variance (those need the images)."""
     kind, where = opened
     if kind == "npz":
         return {"n": None, **where}
+    if kind == "features":
+        if args.lapvar_only:
+            return {"n": len(where)}
+        mu, sigma = stats_from_features(where)
+        return {"n": len(where), "mu": mu, "sigma": sigma, "features": where}
     cache = None
     if kind == "dataset":
         name, split = where
-        images = data.load(name, root=args.data_root, split=split, verbose=False).images
-        images = images[:args.n] if args.n is not None else images
+        images = _first_n(data.load(name, root=args.data_root, split=split, verbose=False).images,
+                          spec, args, "images")
         tag = name if split == "train" else f"{name}-{split}"
         # The key is the set and the weights, not the device: the pass is float32 without TF32
         # (_float32_matmuls), so CPU and GPU statistics agree to float32 precision.
@@ -560,15 +706,19 @@ def evaluate_set(spec, opened, args, get_model):
         raise MetricsError(f"{spec} has only {len(where)} image; IS and FID need at least 2 "
                            f"(and {FID_DIMS} or more for an unbiased FID)")
     if cache is not None and not args.lapvar_only and cache.is_file():
-        stats = load_stats(cache)
+        stats = load_stats(cache, with_features=True)
         if stats.get("weights_sha256") == get_model.sha256() and stats.get("is_mean") is not None:
-            note(f"{spec}: reference statistics from {cache}")
-            return stats
+            if stats.get("features") is not None:
+                note(f"{spec}: reference statistics and features from {cache}")
+                return stats
+            note(f"note: {cache} has no features (an older metrics.py wrote it); computing them again "
+                 f"for KID and precision/recall")
     model = None if args.lapvar_only else get_model()
     out = compute_features(where, model, args.batch_size, get_model.device, lapvar=True, name=spec)
     stats = {"n": out["n"], "lapvar": float(out["lapvar"].mean()), "lapvar_std": float(out["lapvar"].std())}
     if model is not None:
         stats["mu"], stats["sigma"] = stats_from_features(out["pool3"])
+        stats["features"] = out["pool3"].astype(np.float32)     # lossless: the network's output is float32
         splits = min(args.splits, out["n"])
         if splits < args.splits:
             note(f"note: {spec} has {out['n']} images; the Inception Score uses {splits} splits")
@@ -579,7 +729,7 @@ def evaluate_set(spec, opened, args, get_model):
         if cache is not None:
             stats["weights_sha256"] = get_model.sha256()
             try:
-                save_stats(cache, stats)
+                save_stats(cache, stats, with_features=True)
             except MetricsError as e:       # the cache only saves time next run: not worth failing for
                 note(f"warning: {e}; the reference statistics are not cached")
     return stats
@@ -767,10 +917,46 @@ def _fmt(value, spec, std=None):
     return f"{value:{spec}}" + (f" +- {std:{spec}}" if std is not None else "")
 
 
+COMPARED = ("fid", "kid", "kid_std", "precision", "recall")     # a set against the reference
+STATS_ONLY = ("is statistics only: pass a features file from --save-features for KID and "
+              "precision/recall")
+
+
+def compare_to_reference(spec, stats, ref, args, device):
+    """FID (from mu and sigma) and KID, precision and recall (from the features, where both sets
+    have them) of one set against the reference. The reference's k-NN radii are kept in ref,
+    computed once for all sets."""
+    out = dict.fromkeys(COMPARED)
+    if "mu" not in stats or "mu" not in ref:                    # --lapvar-only
+        return out
+    features, ref_features = stats.get("features"), ref.get("features")
+    both = features is not None and ref_features is not None
+    note(f"{spec}: FID against {args.ref} (a {ref['mu'].size}x{ref['mu'].size} matrix square root)"
+         + (f", KID and precision/recall (k = {PR_K})" if both else ""))
+    out["fid"] = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"])
+    if not both:
+        if ref_features is not None:                            # else main said it of the reference
+            note(f"note: {spec} {STATS_ONLY}")
+        return out
+    out["kid"], out["kid_std"] = kernel_inception_distance(features, ref_features)
+    if min(len(features), len(ref_features)) <= PR_K:
+        note(f"note: precision and recall need more than {PR_K} images per set; {spec} has {len(features)}, "
+             f"{args.ref} {len(ref_features)}")
+        return out
+    if "radii" not in ref:
+        ref["radii"] = knn_radii(ref_features, device=device)
+    out["precision"], out["recall"] = precision_recall(features, ref_features, device=device,
+                                                       ref_radii=ref["radii"])
+    return out
+
+
 def print_table(rows):
-    header = ["set", "n", "IS (mean +- std)", "FID", "Laplacian var. (mean +- std)"]
+    header = ["set", "n", "IS (mean +- std)", "FID", "KID (mean +- std)", "precision", "recall",
+              "Laplacian var. (mean +- std)"]
     cells = [[name, _fmt(r.get("n"), "d"), _fmt(r.get("is_mean"), ".2f", r.get("is_std")),
-              _fmt(r.get("fid"), ".2f"), _fmt(r.get("lapvar"), ".1f", r.get("lapvar_std"))]
+              _fmt(r.get("fid"), ".2f"), _fmt(r.get("kid"), ".5f", r.get("kid_std")),
+              _fmt(r.get("precision"), ".4f"), _fmt(r.get("recall"), ".4f"),
+              _fmt(r.get("lapvar"), ".1f", r.get("lapvar_std"))]
              for name, r in rows]
     widths = [max(len(c[i]) for c in cells + [header]) for i in range(len(header))]
     line = lambda c: "| " + " | ".join(s.ljust(w) if i == 0 else s.rjust(w)  # noqa: E731
@@ -782,35 +968,42 @@ def print_table(rows):
 
 
 def print_results(rows, ref, args):
-    """The table (or --json) of rows [(spec, stats)], the reference set last."""
+    """The table (or --json) of rows [(spec, stats)], the reference set last ("-" or null: not
+    available, e.g. IS of a features file, or anything compared to the reference itself)."""
+    if ref is not None:
+        rows = rows + [(f"{args.ref} (reference)", {**ref, **dict.fromkeys(COMPARED), "reference": True})]
     if args.json:
-        keys = ("is_mean", "is_std", "fid", "lapvar", "lapvar_std", "n")
-        out = {spec: {**{k: s.get(k) for k in keys}, "reference": False} for spec, s in rows}
-        if ref is not None:
-            out[args.ref if args.ref not in out else f"{args.ref} (reference)"] = {
-                **{k: ref.get(k) for k in keys if k != "fid"}, "fid": None, "reference": True}
+        keys = ("n", "is_mean", "is_std") + COMPARED + ("lapvar", "lapvar_std")
+        out = {spec: {**{k: s.get(k) for k in keys}, "reference": s.get("reference", False)}
+               for spec, s in rows}
+        if ref is not None and args.ref not in out:             # the reference under its own name
+            out[args.ref] = out.pop(f"{args.ref} (reference)")
         print(json.dumps(out, indent=2))
     else:
-        print_table(rows + ([(f"{args.ref} (reference)", {**ref, "fid": None})] if ref is not None else []))
+        print_table(rows)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", nargs="*", metavar="SAMPLES",
-                   help="image folder(s), .npz statistics, or dataset names (mnist, cifar10:test, ...)")
-    p.add_argument("--ref", help="reference set for FID: folder, .npz, or dataset name")
+                   help="image folder(s), .npz statistics, .npy features, or dataset names (mnist, "
+                        "cifar10:test, ...)")
+    p.add_argument("--ref", help="reference set for FID, KID, precision and recall: folder, .npy features, "
+                                 "dataset name, or .npz statistics (FID only)")
     p.add_argument("--n", type=int, help="use the first N images of each folder/dataset (default: all)")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--weights", help=f"path of {FID_WEIGHTS_FILE} (default: torch.hub cache, "
                                      f"downloaded when online)")
     p.add_argument("--save-stats", metavar="OUT.npz", help="save the (single) set's FID statistics")
+    p.add_argument("--save-features", metavar="OUT.npy", help="save the (single) set's pool3 features "
+                                                              "(float32 N x 2048): a reference for all metrics")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--lapvar-only", action="store_true", help="only the Laplacian variance (no network)")
     p.add_argument("--splits", type=int, default=IS_SPLITS, help="Inception Score splits")
-    p.add_argument("--data-root", default="data", help="dataset root; reference statistics are "
-                                                       "cached in DATA_ROOT/cache")
+    p.add_argument("--data-root", default="data", help="dataset root; reference statistics and "
+                                                       "features are cached in DATA_ROOT/cache")
     p.add_argument("--plot", metavar="CSV", help="redraw CSV (a losses.csv) as a PNG beside it")
     args = p.parse_args(argv)
     try:
@@ -821,27 +1014,40 @@ def main(argv=None):
             p.error("give at least one SAMPLES set (or --plot CSV)")
         if args.batch_size < 1 or (args.n is not None and args.n < 1) or args.splits < 1:
             p.error("--batch-size, --n and --splits must be positive")
-        if args.save_stats and (len(args.samples) != 1 or args.lapvar_only):
-            raise MetricsError("--save-stats takes exactly one SAMPLES set and needs the network "
-                               "(not --lapvar-only)")
-        if args.save_stats:
-            check_writable(args.save_stats, "the statistics")
+        if args.save_features and not args.save_features.endswith(".npy"):
+            raise MetricsError(f"--save-features {args.save_features}: give a file name ending in .npy "
+                               f"(that is how metrics.py recognises a features file)")
+        for flag, path, what in (("--save-stats", args.save_stats, "the statistics"),
+                                 ("--save-features", args.save_features, "the features")):
+            if path and (len(args.samples) != 1 or args.lapvar_only):
+                raise MetricsError(f"{flag} takes exactly one SAMPLES set and needs the network "
+                                   f"(not --lapvar-only)")
+            if path:
+                check_writable(path, what)
         get_model = LazyInception(args.weights, args.device)     # a bad --device fails here
         specs = args.samples + ([args.ref] if args.ref else [])
         opened = {spec: open_set(spec, args) for spec in specs}  # bad paths fail before long work
+        if args.save_features and opened[args.samples[0]][0] == "npz":
+            raise MetricsError(f"--save-features needs images or a features file; {args.samples[0]} "
+                               f"is statistics only (mu and sigma)")
         ref = evaluate_set(args.ref, opened[args.ref], args, get_model) if args.ref else None
+        if ref is not None and "mu" in ref and ref.get("features") is None:
+            note(f"note: the reference {STATS_ONLY}")
         rows = []
         for spec in args.samples:
             stats = evaluate_set(spec, opened[spec], args, get_model)
-            stats["fid"] = None
-            if ref is not None and "mu" in ref and "mu" in stats:
-                note(f"{spec}: FID against {args.ref} (a {ref['mu'].size}x{ref['mu'].size} matrix square root)")
-                stats["fid"] = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"])
+            if ref is not None:
+                stats.update(compare_to_reference(spec, stats, ref, args, get_model.device))
+            features = stats.pop("features", None)               # N x 2048: kept for --save-features only
             rows.append((spec, stats))
         print_results(rows, ref, args)                           # first: a failing write loses nothing
         if args.save_stats:
             save_stats(args.save_stats, rows[0][1])
             note(f"saved FID statistics of {args.samples[0]} to {args.save_stats}")
+        if args.save_features:
+            save_features(args.save_features, features)
+            note(f"saved the pool3 features of {args.samples[0]} ({len(features)} x {features.shape[1]}) "
+                 f"to {args.save_features}")
     except (MetricsError, data.DataError) as e:
         sys.exit(f"error: {e}")
 

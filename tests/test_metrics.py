@@ -1,6 +1,7 @@
-"""Tests of metrics.py: FID, IS and Laplacian variance against closed forms and hand computations,
-the weight-file format, the feature pass, the CLI and the loss plot. CPU only, no network: the
-Inception weights are random, in the format of pytorch-fid's pt_inception-2015-12-05-6726825d.pth."""
+"""Tests of metrics.py: FID, IS, KID, precision/recall and Laplacian variance against closed forms
+and hand computations, the weight-file format, the feature pass, the CLI and the loss plot. CPU
+only, no network: the Inception weights are random, in the format of pytorch-fid's
+pt_inception-2015-12-05-6726825d.pth."""
 import json
 import math
 import os
@@ -214,6 +215,98 @@ def test_is_matches_salimans_formula_with_torch_fidelity_shuffle():
         metrics.inception_score(logits[:9])
 
 
+# ------------------------------------------------------------------ KID, precision and recall
+
+def kid_by_hand(x, y, subsets, m, seed=2020):
+    """Binkowski et al.'s unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, pair by pair, on subsets
+    drawn as torch-fidelity draws them (the set's, then the reference's); mean and std (ddof=0)."""
+    d = x.shape[1]
+    kernel = lambda a, b: (sum(float(u) * float(v) for u, v in zip(a, b)) / d + 1) ** 3  # noqa: E731
+    k_xx = [[kernel(a, b) for b in x] for a in x]
+    k_yy = [[kernel(a, b) for b in y] for a in y]
+    k_xy = [[kernel(a, b) for b in y] for a in x]
+    rng, values = np.random.RandomState(seed), []
+    for _ in range(subsets):
+        i, j = rng.choice(len(x), m, replace=False), rng.choice(len(y), m, replace=False)
+        xx = sum(k_xx[a][b] for a in i for b in i if a != b) / (m * (m - 1))
+        yy = sum(k_yy[a][b] for a in j for b in j if a != b) / (m * (m - 1))
+        xy = sum(k_xy[a][b] for a in i for b in j) / (m * m)
+        values.append(xx + yy - 2 * xy)
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def precision_recall_by_hand(fake, real, k=3):
+    """Kynkaanniemi et al.: phi is covered by a set if it lies in the ball around some member phi'
+    of radius ||phi' - NN_k(phi')||; precision = covered fraction of fake by real, recall the reverse."""
+    radii = lambda s: [sorted(math.dist(p, q) for q in s)[k] for p in s]  # noqa: E731  ([0]: p itself)
+    covered = lambda q, s, r: any(math.dist(q, p) <= rp for p, rp in zip(s, r))  # noqa: E731
+    r_fake, r_real = radii(fake), radii(real)
+    return (sum(covered(q, real, r_real) for q in fake) / len(fake),
+            sum(covered(q, fake, r_fake) for q in real) / len(real))
+
+
+def feature_pair():
+    rng = np.random.default_rng(9)
+    return rng.normal(0.6, 1, (60, 16)), rng.normal(0, 1, (50, 16))   # precision 0.57, recall 0.52
+
+
+def test_kid_equals_hand_computation_with_small_sets_notice(capsys):
+    fake, real = feature_pair()
+    mean, std = metrics.kernel_inception_distance(fake, real)         # 1000 > 50: subsets of 50
+    assert "KID uses subsets of 50 feature vectors, not 1000" in capsys.readouterr().err
+    hand_mean, hand_std = kid_by_hand(fake, real, 100, 50)
+    assert mean == pytest.approx(hand_mean, rel=1e-10) and std == pytest.approx(hand_std, rel=1e-8)
+    assert hand_mean > 10 * hand_std > 0                              # the sets differ, subsets vary
+
+
+def test_kid_equals_hand_computation_with_subsets_of_the_sets():
+    fake, real = feature_pair()
+    mean, std = metrics.kernel_inception_distance(fake, real, subset_size=20)
+    hand_mean, hand_std = kid_by_hand(fake, real, 100, 20)
+    assert mean == pytest.approx(hand_mean, rel=1e-10) and std == pytest.approx(hand_std, rel=1e-8)
+    same = metrics.kernel_inception_distance(real[:25], real[25:], subset_size=20)[0]
+    assert abs(same) < mean / 10                                       # unbiased: about 0 for one distribution
+    with pytest.raises(metrics.MetricsError, match="same d"):
+        metrics.kernel_inception_distance(fake, real[:, :8])
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 50, 64, metrics.PR_BLOCK])
+def test_precision_recall_blocked_equal_hand_computation(block):
+    fake, real = feature_pair()
+    precision, recall = metrics.precision_recall(fake, real, block=block)
+    assert (precision, recall) == precision_recall_by_hand(fake, real) == (34 / 60, 26 / 50)
+    radii = metrics.knn_radii(real, block=block)                       # a reference's radii, reused
+    assert metrics.precision_recall(fake, real, block=block, ref_radii=radii) == (precision, recall)
+
+
+def test_precision_recall_memory_is_block_bounded():
+    """Every tensor made on the way, other than the features and row blocks of them (last dim d),
+    has at most block x (block + k + 1) elements: no N x N distance matrix, whatever N."""
+    fake, real = feature_pair()
+    block, k, d = 7, metrics.PR_K, fake.shape[1]
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes, self.cdist = [], []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.cdist:
+                self.cdist.append((args[0].shape[0], args[1].shape[0]))
+            for t in out if isinstance(out, tuple) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.shapes.append(tuple(t.shape))
+            return out
+
+    with Record() as record:
+        assert metrics.precision_recall(fake, real, block=block) == (34 / 60, 26 / 50)
+    assert max(max(rows, cols) for rows, cols in record.cdist) == block
+    made = [shape for shape in record.shapes if not shape or shape[-1] != d]
+    assert max(math.prod(shape) for shape in made) == block * (block + k + 1) < len(fake) * len(real)
+
+
 # ------------------------------------------------------------------ Laplacian variance
 
 def laplacian_by_hand(img):
@@ -375,10 +468,71 @@ def test_cli_dataset_reference_is_cached(small_network, weights_file, tmp_path, 
     a = make_folder(tmp_path / "a", 10, 1)
     common = ["--weights", weights_file, "--device", "cpu", "--data-root", tmp_path / "data", "--n", 10, "--json"]
     first = json.loads(run_cli(capsys, a, "--ref", "fake", *common).out)
-    assert (tmp_path / "data" / "cache" / "fid_stats_fake_10.npz").is_file()
+    cache = tmp_path / "data" / "cache" / "fid_stats_fake_10.npz"
+    with np.load(cache) as f:                                   # features too: KID and precision/recall
+        assert f["features"].dtype == np.float32 and f["features"].shape == (10, 64)
+        old_format = {k: f[k] for k in f.files if k != "features"}
     out = run_cli(capsys, a, "--ref", "fake", *common)
-    assert "reference statistics from" in out.err
-    assert json.loads(out.out)[str(a)]["fid"] == pytest.approx(first[str(a)]["fid"], rel=1e-12)
+    assert "reference statistics and features from" in out.err
+    for key in ("fid", "kid", "kid_std", "precision", "recall"):
+        assert first[str(a)][key] is not None
+        assert json.loads(out.out)[str(a)][key] == pytest.approx(first[str(a)][key], rel=1e-12)
+    np.savez(cache, **old_format)                               # a cache of an older metrics.py: recomputed
+    out = run_cli(capsys, a, "--ref", "fake", *common)
+    assert "has no features (an older metrics.py wrote it); computing them again" in out.err
+    assert json.loads(out.out)[str(a)]["kid"] == pytest.approx(first[str(a)]["kid"], rel=1e-12)
+    assert "features" in np.load(cache).files
+
+
+def test_cli_kid_precision_recall_and_a_features_file_reference(small_network, weights_file, tmp_path, capsys):
+    r = make_folder(tmp_path / "r", 12, 0)
+    a = make_folder(tmp_path / "a", 5, 1)
+    for i in range(5):                                        # a: 5 images of r and 5 others
+        (a / f"r{i}.png").write_bytes((r / f"{i:06d}.png").read_bytes())
+    common = ["--weights", weights_file, "--device", "cpu", "--data-root", tmp_path / "data"]
+    run_cli(capsys, r, "--save-features", tmp_path / "r.npy", *common)
+    saved = np.load(tmp_path / "r.npy")
+    assert saved.dtype == np.float32 and saved.shape == (12, 64)
+    by_folder = json.loads(run_cli(capsys, a, "--ref", r, "--json", *common).out)[str(a)]
+    out = run_cli(capsys, a, "--ref", tmp_path / "r.npy", "--json", *common)
+    by_file = json.loads(out.out)[str(a)]
+    assert "KID uses subsets of 10 feature vectors, not 1000" in out.err
+    assert by_file["fid"] == pytest.approx(by_folder["fid"], rel=1e-9)
+    for key in ("kid", "kid_std", "precision", "recall"):
+        assert by_file[key] == pytest.approx(by_folder[key], rel=1e-12)
+    # against hand computations on the features of the same pass
+    model = metrics.load_inception(weights_file)
+    fa = metrics.compute_features(a, model, progress=False)["pool3"]
+    kid, kid_std = kid_by_hand(fa, saved.astype(np.float64), 100, 10)
+    assert by_file["kid"] == pytest.approx(kid, rel=1e-9)
+    assert by_file["kid_std"] == pytest.approx(kid_std, rel=1e-6)
+    assert (by_file["precision"], by_file["recall"]) == precision_recall_by_hand(fa, saved.astype(np.float64))
+    assert by_file["precision"] == 0.5 and by_file["recall"] > 0   # a's 5 copies of r's images are covered
+    # a features file as a set: FID, KID, P/R against the reference, no IS or Laplacian variance ("-")
+    table = run_cli(capsys, a, tmp_path / "r.npy", "--ref", r, *common).out.splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == ["set", "n", "IS (mean +- std)", "FID", "KID (mean +- std)", "precision", "recall",
+                      "Laplacian var. (mean +- std)"]
+    row = dict(zip(header, (c.strip() for c in table[3].strip("|").split("|"))))
+    assert row["set"] == str(tmp_path / "r.npy") and row["n"] == "12"
+    assert row["IS (mean +- std)"] == row["Laplacian var. (mean +- std)"] == "-"
+    assert row["precision"] == row["recall"] == "1.0000" and row["KID (mean +- std)"] != "-"
+
+
+def test_cli_statistics_reference_gives_fid_only_and_says_why_once(small_network, weights_file, tmp_path,
+                                                                   capsys):
+    r, a = make_folder(tmp_path / "r", 12, 0), make_folder(tmp_path / "a", 10, 1)
+    b = make_folder(tmp_path / "b", 10, 2)
+    common = ["--weights", weights_file, "--device", "cpu"]
+    run_cli(capsys, r, "--save-stats", tmp_path / "r.npz", *common)
+    out = run_cli(capsys, a, b, "--ref", tmp_path / "r.npz", "--json", *common)
+    res = json.loads(out.out)
+    for name in (str(a), str(b)):
+        assert res[name]["fid"] > 0
+        assert [res[name][k] for k in ("kid", "kid_std", "precision", "recall")] == [None] * 4
+    reason = ("note: the reference is statistics only: pass a features file from --save-features for KID "
+              "and precision/recall")
+    assert out.err.splitlines().count(reason) == 1 and out.err.count("statistics only") == 1
 
 
 def test_cli_lapvar_only_through_the_script(tmp_path):
@@ -435,6 +589,55 @@ def test_cli_unwritable_save_stats_fails_before_the_pass(where, no_feature_pass,
         pytest.skip("no /proc on this system")
     msg = cli_error(capsys, tmp_path / "a", "--save-stats", out, "--weights", weights_file, "--device", "cpu")
     assert msg.startswith(f"error: cannot write the statistics to {out}")
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("under_a_file", "cannot write the features to"),
+    ("a_folder", "it is a folder"),
+    ("not_npy", "give a file name ending in .npy"),
+    ("statistics_set", "is statistics only"),
+    ("two_sets", "--save-features takes exactly one SAMPLES set"),
+])
+def test_cli_bad_save_features_fails_before_the_pass(case, expected, no_feature_pass, weights_file, tmp_path,
+                                                     capsys):
+    a, b = make_folder(tmp_path / "a", 2, 0), make_folder(tmp_path / "b", 2, 1)
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "folder.npy").mkdir()
+    np.savez(tmp_path / "s.npz", mu=np.zeros(3), sigma=np.eye(3))
+    sets = {"statistics_set": [tmp_path / "s.npz"], "two_sets": [a, b]}.get(case, [a])
+    out = {"under_a_file": tmp_path / "file.txt" / "f.npy", "a_folder": tmp_path / "folder.npy",
+           "not_npy": tmp_path / "f.txt"}.get(case, tmp_path / "f.npy")
+    common = ["--weights", weights_file, "--device", "cpu"]
+    assert expected in cli_error(capsys, *sets, "--save-features", out, *common)
+    assert not out.is_file()
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"", "cannot be read as a .npy features file"),
+    (b"1,2\n3,4\n", "cannot be read as a .npy features file"),
+    ("vector", "holds float64 (5,), not float features N x d"),
+    ("integers", "holds int64 (5, 3), not float features N x d"),
+    ("npz", "holds no single array"),
+    ("one_row", "holds 1 feature vector(s); FID, KID and precision/recall need at least 2"),
+    ("nan", "holds NaN or inf values"),
+    ("absent", "does not exist"),
+])
+def test_cli_bad_features_file_is_one_sentence_before_any_pass(content, expected, no_feature_pass, weights_file,
+                                                               tmp_path, capsys):
+    bad = tmp_path / "bad.npy"
+    arrays = {"vector": np.zeros(5), "integers": np.zeros((5, 3), np.int64), "one_row": np.zeros((1, 3)),
+              "nan": np.array([[0.0, 1.0], [np.nan, 2.0]])}
+    if content in arrays:
+        np.save(bad, arrays[content])
+    elif content == "npz":
+        np.savez(tmp_path / "x.npz", features=np.zeros((3, 2)))
+        (tmp_path / "x.npz").rename(bad)
+    elif content != "absent":
+        bad.write_bytes(content)
+    make_folder(tmp_path / "a", 2, 0)
+    common = ["--weights", weights_file, "--device", "cpu"]
+    assert expected in cli_error(capsys, tmp_path / "a", "--ref", bad, *common)
+    assert expected in cli_error(capsys, tmp_path / "a", bad, *common)
 
 
 def test_cli_results_are_printed_before_a_late_write_fails(small_network, weights_file, tmp_path, capsys,
