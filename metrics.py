@@ -846,6 +846,24 @@ def _draw_panel(draw, top, title, names, series, epoch_starts, font):
             draw.text((lx + 28, ly), k, fill="black", font=font)
 
 
+def start_log(csv_path, columns, after_step=None):
+    """The training scripts' losses.csv: a new file with its header, or on resume (after_step: the
+    checkpoint's step) the old rows up to that step, since rows a killed run logged after its last
+    checkpoint would otherwise come twice."""
+    rows = []
+    if after_step is not None and os.path.exists(csv_path):
+        with open(csv_path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= after_step]
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([columns] + rows)
+
+
+def log_row(csv_path, row):
+    """Append one row to losses.csv (floats to 6 significant digits, "" for a blank cell)."""
+    with open(csv_path, "a", newline="") as f:
+        csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+
+
 def read_losses(csv_path):
     """losses.csv (columns step, epoch, then loss terms and diagnostics; blank cells are skipped)
     -> ({column: [(step, value), ...]} for columns with any finite number, epoch start steps).

@@ -12,7 +12,6 @@ as the vanilla-GAN-vs-DCGAN report used them.
 """
 import argparse
 import contextlib
-import csv
 import math
 import os
 import pickle
@@ -307,21 +306,10 @@ def train_step(nets, optG, optD, real, args, amp):
 
 
 # -----------------------------------------------------------------------------
-# The loss log: one row per logged step.
+# The loss log: the columns of losses.csv (metrics.start_log and metrics.log_row write it).
 
 COLUMNS = ["step", "epoch", "loss_d", "loss_d_real", "loss_d_fake", "loss_g",
            "D(x)", "D(G(z))_before", "D(G(z))_after", "img_per_s"]
-
-
-def start_log(path, after_step=None):
-    """losses.csv with its header. On resume (after_step: the checkpoint's step) the old rows are
-    kept up to that step: rows a killed run logged after its last checkpoint would come twice."""
-    rows = []
-    if after_step is not None and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= after_step]
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([COLUMNS] + rows)
 
 
 # -----------------------------------------------------------------------------
@@ -424,7 +412,7 @@ def main(argv=None):
     # when it stops early) ends with a grid of the fixed z, the loss plot and the checkpoint.
     ckpt_path, csv_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "losses.csv")
     if rank == 0 and train:
-        start_log(csv_path, after_step=step if ckpt else None)
+        metrics.start_log(csv_path, COLUMNS, after_step=step if ckpt else None)
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
     n = len(loader) if train else 1  # batches per epoch
     signum = 0
@@ -449,8 +437,7 @@ def main(argv=None):
                         f"Loss_G {row[5]:.4f} D(x) {row[6]:.4f} D(G(z)) {row[7]:.4f} / {row[8]:.4f}  "
                         f"{rate:.0f} img/s  ETA {eta / 60:.1f} min")
                     if rank == 0:
-                        with open(csv_path, "a", newline="") as f:
-                            csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+                        metrics.log_row(csv_path, row)
                 if at_max or signum:
                     break
             signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"in epoch {epoch + 1}")

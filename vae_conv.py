@@ -11,7 +11,6 @@ Autoencoder", WACV 2017, arXiv:1610.00291, Fig. 2 (the encoder and decoder).
 """
 import argparse
 import contextlib
-import csv
 import math
 import os
 import pickle
@@ -352,22 +351,6 @@ def evaluate(model, images, args, device):
 COLUMNS = ["step", "epoch", "loss", "recon", "kl", "img_per_s", "test_loss", "test_recon", "test_kl"]
 
 
-def start_log(path, after_step=None):
-    """losses.csv with its header. On resume (after_step: the checkpoint's step) the old rows are
-    kept up to that step: rows a killed run logged after its last checkpoint would come twice."""
-    rows = []
-    if after_step is not None and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= after_step]
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([COLUMNS] + rows)
-
-
-def write_row(path, row):
-    with open(path, "a", newline="") as f:
-        csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-
-
 # -----------------------------------------------------------------------------
 # Stopping: Ctrl-C (SIGINT) and SIGTERM (what torchrun sends its workers on Ctrl-C) only raise a
 # flag; the step in flight finishes, the checkpoint is saved and the run exits with 128 + signal.
@@ -477,7 +460,7 @@ def main(argv=None):
     # the loss plot and the checkpoint.
     ckpt_path, csv_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "losses.csv")
     if rank == 0 and train:
-        start_log(csv_path, after_step=step if ckpt else None)
+        metrics.start_log(csv_path, COLUMNS, after_step=step if ckpt else None)
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
     n = len(loader) if train else 1  # batches per epoch
     signum = 0
@@ -500,7 +483,7 @@ def main(argv=None):
                     log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} loss {row[2]:.2f} = recon "
                         f"{row[3]:.2f} + {args.beta:g} * KL {row[4]:.2f}  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
                     if rank == 0:
-                        write_row(csv_path, row + [""] * 3)
+                        metrics.log_row(csv_path, row + [""] * 3)
                 if at_max or signum:
                     break
             # Where the run stands: whole epochs done, and batches done in the next one.
@@ -514,7 +497,7 @@ def main(argv=None):
                 msg = f"====> epoch {label}: train loss {loss_sum.item() / max(ran, 1):.4f} per image ({t1 - t0:.1f} s)"
                 if test_images is not None:
                     test = evaluate(model, test_images, args, device)
-                    write_row(csv_path, [step, label] + [""] * 4 + test)
+                    metrics.log_row(csv_path, [step, label] + [""] * 4 + test)
                     msg += (f", test loss {test[0]:.4f} = recon {test[1]:.4f} + {args.beta:g} * KL {test[2]:.4f} "
                             f"({time.perf_counter() - t1:.1f} s)")
                 log(msg)

@@ -11,7 +11,6 @@ and the updates of its Algorithm 1, with RMSprop at 3e-4 and batch 64.
 """
 import argparse
 import contextlib
-import csv
 import math
 import os
 import pickle
@@ -460,22 +459,6 @@ LOGGED = ("kl", "feat_mse", "pixel_mse", "loss_dis", "gan_dec", "D(x)", "D(x_til
 COLUMNS = ["step", "epoch", *LOGGED, "img_per_s", "test_kl", "test_feat_mse", "test_pixel_mse"]
 
 
-def start_log(path, after_step=None):
-    """losses.csv with its header. On resume (after_step: the checkpoint's step) the old rows are
-    kept up to that step: rows a killed run logged after its last checkpoint would come twice."""
-    rows = []
-    if after_step is not None and os.path.exists(path):
-        with open(path, newline="") as f:
-            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= after_step]
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([COLUMNS] + rows)
-
-
-def write_row(path, row):
-    with open(path, "a", newline="") as f:
-        csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-
-
 # -----------------------------------------------------------------------------
 # Stopping: Ctrl-C (SIGINT) and SIGTERM (what torchrun sends its workers on Ctrl-C) only raise a
 # flag; the step in flight finishes, the checkpoint is saved and the run exits with 128 + signal.
@@ -587,7 +570,7 @@ def main(argv=None):
     # the reconstructions of the fixed inputs, the loss plot and the checkpoint.
     ckpt_path, csv_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "losses.csv")
     if rank == 0 and train:
-        start_log(csv_path, after_step=step if ckpt else None)
+        metrics.start_log(csv_path, COLUMNS, after_step=step if ckpt else None)
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
     n = len(loader) if train else 1  # batches per epoch
     signum = 0
@@ -610,7 +593,7 @@ def main(argv=None):
                         f"GAN_dec {v['gan_dec']:.3f}  D(x) {v['D(x)']:.2f} D(x~) {v['D(x_tilde)']:.2f} "
                         f"D(x_p) {v['D(x_p)']:.2f}  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
                     if rank == 0:
-                        write_row(csv_path, [step, epoch + 1, *v.values(), rate, "", "", ""])
+                        metrics.log_row(csv_path, [step, epoch + 1, *v.values(), rate, "", "", ""])
                 if at_max or signum:
                     break
             # Where the run stands: whole epochs done, and batches done in the next one.
@@ -623,7 +606,7 @@ def main(argv=None):
                 msg = f"====> epoch {label} ({t1 - t0:.1f} s)"
                 if test_images is not None:
                     test = evaluate(model, test_images, args.dis_layer, args.seed)
-                    write_row(csv_path, [step, label] + [""] * (len(LOGGED) + 1) + test)
+                    metrics.log_row(csv_path, [step, label] + [""] * (len(LOGGED) + 1) + test)
                     msg += (f", test KL {test[0]:.2f} feat_mse {test[1]:.4f} pixel_mse {test[2]:.2f} "
                             f"({time.perf_counter() - t1:.1f} s)")
                 log(msg)

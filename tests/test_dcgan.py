@@ -1,6 +1,5 @@
 """dcgan.py through its real entry point (main(argv) in-process, and one real subprocess)."""
 import os
-import signal
 import subprocess
 import sys
 

@@ -2,7 +2,6 @@
 architecture, and the script through its real entry point (main(argv) in-process, one subprocess)."""
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -181,28 +180,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     after = ckpt(out)
     assert after["step"] == good["step"] == 2
     assert torch.equal(after["model"]["fc_mu.weight"], good["model"]["fc_mu.weight"])
-
-
-def test_ctrl_c_saves_a_checkpoint_exits_130_and_skips_the_heldout_pass(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_loss = vae_conv.vae_loss
-
-    def loss_then_interrupt(*a):
-        calls["n"] += 1
-        if calls["n"] == 2:  # during step 2
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(*a)
-    monkeypatch.setattr(vae_conv, "vae_loss", loss_then_interrupt)
-    try:
-        with pytest.raises(SystemExit) as e:
-            run(tmp_path, "--epochs", "2")
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    assert e.value.code == 130
-    out = str(tmp_path / "run")
-    c = ckpt(out)
-    assert (c["epoch"], c["batch"], c["step"]) == (0, 2, 2)  # resume goes on with batch 3 of epoch 1
-    assert not any(x["test_loss"] for x in rows(out))
 
 
 def test_bad_resume_paths_are_refused(tmp_path):
