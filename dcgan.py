@@ -82,10 +82,97 @@ class Discriminator(nn.Module):
         return self.net(x).flatten()
 
 
+# -----------------------------------------------------------------------------
+# The reports' networks (--arch), each written out as the report's table. Every D here returns
+# logits: where a report prints a final Sigmoid, ours is inside the loss (BCE with logits).
+
+class Cifar10ReportGenerator(nn.Module):
+    """The CIFAR-10 report's generator table: 11,429,632 parameters at 32x32x3, latent 100."""
+    def __init__(self, latent_dim=100, channels=3):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.net = nn.Sequential(
+            # B x 100 x 1 x 1 -> B x 1024 x 2 x 2 (409,600: a 2x2 kernel)
+            nn.ConvTranspose2d(latent_dim, 1024, 2, 1, 0, bias=False), nn.BatchNorm2d(1024), nn.ReLU(True),
+            nn.ConvTranspose2d(1024, 512, 4, 2, 1, bias=False),  # -> B x 512 x 4 x 4 (8,388,608)
+            nn.BatchNorm2d(512), nn.ReLU(True),
+            nn.ConvTranspose2d(512, 256, 4, 2, 1, bias=False),   # -> B x 256 x 8 x 8 (2,097,152)
+            nn.BatchNorm2d(256), nn.ReLU(True),
+            nn.ConvTranspose2d(256, 128, 4, 2, 1, bias=False),   # -> B x 128 x 16 x 16 (524,288)
+            nn.BatchNorm2d(128), nn.ReLU(True),
+            nn.ConvTranspose2d(128, channels, 4, 2, 1, bias=False), nn.Tanh())  # -> B x 3 x 32 x 32 (6,144)
+
+    def forward(self, z):  # z: B x latent_dim
+        return self.net(z[:, :, None, None])
+
+
+class Cifar10ReportDiscriminator(nn.Module):
+    """The CIFAR-10 report's discriminator table: 4,309,441 parameters at 32x32x3. 5x5 convs
+    without bias, LeakyReLU BEFORE BatchNorm (as the report orders them), a linear head."""
+    def __init__(self, channels=3):
+        super().__init__()
+        self.net = nn.Sequential(
+            # B x 3 x 32 x 32 -> B x 64 x 16 x 16 (4,800 parameters)
+            nn.Conv2d(channels, 64, 5, 2, 2, bias=False), nn.LeakyReLU(0.2, True),
+            # -> B x 128 x 8 x 8 (204,800 + 256)
+            nn.Conv2d(64, 128, 5, 2, 2, bias=False), nn.LeakyReLU(0.2, True), nn.BatchNorm2d(128),
+            # -> B x 256 x 4 x 4 (819,200 + 512)
+            nn.Conv2d(128, 256, 5, 2, 2, bias=False), nn.LeakyReLU(0.2, True), nn.BatchNorm2d(256),
+            # -> B x 512 x 2 x 2 (3,276,800 + 1,024)
+            nn.Conv2d(256, 512, 5, 2, 2, bias=False), nn.LeakyReLU(0.2, True), nn.BatchNorm2d(512),
+            # flatten B x 2048 -> B x 1 (2,049); the report's Sigmoid is in our loss
+            nn.Flatten(), nn.Linear(2048, 1))
+
+    def forward(self, x):  # -> B logits
+        return self.net(x).flatten()
+
+
+class MnistReportDiscriminator(nn.Module):
+    """The MNIST report's printed discriminator: 166,789 parameters at 32x32x1."""
+    def __init__(self, channels=1):
+        super().__init__()
+        self.net = nn.Sequential(
+            # B x 1 x 32 x 32 -> B x 32 x 16 x 16 (512 parameters)
+            nn.Conv2d(channels, 32, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True),
+            # -> B x 64 x 8 x 8 (32,768 + 128)
+            nn.Conv2d(32, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64), nn.LeakyReLU(0.2, True),
+            # -> B x 128 x 4 x 4 (131,072 + 256)
+            nn.Conv2d(64, 128, 4, 2, 1, bias=False), nn.BatchNorm2d(128), nn.LeakyReLU(0.2, True),
+            # -> B x 1 x 2 x 2 (2,048), flatten B x 4 -> B x 1 (5); the report's Sigmoid is in our loss
+            nn.Conv2d(128, 1, 4, 2, 1, bias=False), nn.Flatten(), nn.Linear(4, 1))
+
+    def forward(self, x):  # -> B logits
+        return self.net(x).flatten()
+
+
+class CelebaGansReportDiscriminator(nn.Module):
+    """The vanilla-GAN-vs-DCGAN CelebA report's DCGAN discriminator: four 4x4 stride-2 convs with
+    LeakyReLU, filters starting at 32, no BatchNorm (so the convs keep PyTorch's bias), one linear
+    unit: 694,241 parameters at 64x64x3."""
+    def __init__(self, channels=3, img_size=64):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 32, 4, 2, 1), nn.LeakyReLU(0.2, True),  # B x 3 x 64 x 64 -> B x 32 x 32 x 32
+            nn.Conv2d(32, 64, 4, 2, 1), nn.LeakyReLU(0.2, True),        # -> B x 64 x 16 x 16
+            nn.Conv2d(64, 128, 4, 2, 1), nn.LeakyReLU(0.2, True),       # -> B x 128 x 8 x 8
+            nn.Conv2d(128, 256, 4, 2, 1), nn.LeakyReLU(0.2, True),      # -> B x 256 x 4 x 4
+            nn.Flatten(), nn.Linear(256 * (img_size // 16) ** 2, 1))    # B x 4096 -> B x 1; its sigmoid is in our loss
+
+    def forward(self, x):  # -> B logits
+        return self.net(x).flatten()
+
+
+ARCHS = ["paper", "cifar10-report", "mnist-report", "celeba-gans-report"]
+REPORT_SHAPE = {"cifar10-report": (32, None), "mnist-report": (32, 1)}  # (img_size, channels) a report fixes
+
+
 def init_weights(m):
-    """Paper, section 4: all weights from N(0, 0.02); BatchNorm scale from N(1, 0.02)."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+    """Paper, section 4: all weights from N(0, 0.02), the report networks' Linear heads too, and
+    their biases (where a report network has them) from 0; BatchNorm scale from N(1, 0.02)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
@@ -93,9 +180,15 @@ def init_weights(m):
 
 def build(cfg):
     """Both networks from a config dict (vars(args) or a checkpoint's copy of it)."""
-    G = Generator(cfg["latent_dim"], cfg["ngf"], cfg["channels"], cfg["img_size"])
-    D = Discriminator(cfg["ndf"], cfg["channels"], cfg["img_size"])
-    return G, D
+    arch = cfg.get("arch", "paper")  # a config without it: the paper's networks
+    latent, C, S = cfg["latent_dim"], cfg["channels"], cfg["img_size"]
+    if arch == "cifar10-report":
+        return Cifar10ReportGenerator(latent, C), Cifar10ReportDiscriminator(C)
+    if arch == "mnist-report":  # the report's printed G is the paper's at 32x32x1 with ngf 64
+        return Generator(latent, 64, C, S), MnistReportDiscriminator(C)
+    if arch == "celeba-gans-report":  # its G is the paper's with ngf 128: 1024 -> 512 -> 256 -> 128
+        return Generator(latent, 128, C, S), CelebaGansReportDiscriminator(C, S)
+    return Generator(latent, cfg["ngf"], C, S), Discriminator(cfg["ndf"], C, S)
 
 
 def load_model(path, device="cpu"):
@@ -134,8 +227,9 @@ def get_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (the paper lowers it from 0.9)")
     p.add_argument("--lr-decay", default="none", choices=["none", "linear"], help="linear: decay to 0 over the run")
     p.add_argument("--latent-dim", type=int, default=100, help="size of z")
-    p.add_argument("--ngf", type=int, default=64, help="generator width (channels of its last hidden layer)")
-    p.add_argument("--ndf", type=int, default=64, help="discriminator width (channels of its first layer)")
+    p.add_argument("--arch", default="paper", choices=ARCHS, help="the paper's networks, or a report's (README)")
+    p.add_argument("--ngf", type=int, default=64, help="--arch paper: generator width (its last hidden layer)")
+    p.add_argument("--ndf", type=int, default=64, help="--arch paper: discriminator width (its first layer)")
     p.add_argument("--out", default=None, help="output folder; default runs/dcgan-<data>, or the --resume checkpoint's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
@@ -145,15 +239,18 @@ def get_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all ranks")
     p.add_argument("--resume", default=None, help="ckpt.pt to continue from; flags not given again come from it")
     p.add_argument("--sample", type=int, default=0, help="after training, write this many single PNGs to OUT/samples/")
+    p.add_argument("--truncation", type=float, default=None, help="--sample: redraw each |z_i| > T (std units; None: off)")
+    p.add_argument("--d-filter", type=float, default=None, help="--sample: write only sigmoid(D) >= P (None: off)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
     return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
-RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out"}
+RUNTIME_FLAGS = {"resume", "sample", "truncation", "d_filter", "device", "amp", "compile", "sync_bn", "max_steps",
+                 "out"}
 # Flags that fix the networks' shapes: a checkpoint only fits networks built with its own.
-SHAPE_FLAGS = ["latent_dim", "ngf", "ndf", "channels", "img_size"]
+SHAPE_FLAGS = ["arch", "latent_dim", "ngf", "ndf", "channels", "img_size"]
 
 
 def read_checkpoint(path):
@@ -172,6 +269,7 @@ def read_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("script") != "dcgan":
         script = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise ValueError(f"{path} was not written by dcgan.py (script: {script!r}); use that script with it")
+    ckpt["args"].setdefault("arch", "paper")  # checkpoints from before --arch hold the paper's networks
     return ckpt
 
 
@@ -210,9 +308,30 @@ def check_args(args, ckpt, device, ddp, rank):
         sys.exit(f"error: --beta1 must be in [0, 1), got {args.beta1}")
     if args.img_size is not None and args.img_size < 1:
         sys.exit(f"error: --img-size must be a positive power of two, got {args.img_size}")
+    if args.truncation is not None and not (math.isfinite(args.truncation) and args.truncation > 0):
+        sys.exit(f"error: --truncation must be a positive number of standard deviations, got {args.truncation}")
+    if args.d_filter is not None and not 0 <= args.d_filter < 1:  # also refuses nan
+        sys.exit(f"error: --d-filter is a probability in [0, 1), got {args.d_filter}")
+    for flag, v in {"--truncation": args.truncation, "--d-filter": args.d_filter}.items():
+        if v is not None and not args.sample:
+            sys.exit(f"error: {flag} changes only the images --sample writes; add --sample N")
     if ddp and args.sync_bn and device.type != "cuda":  # else DDP raises from inside PyTorch
         sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
                  "drop --sync-bn to keep BatchNorm per rank")
+    for k in SHAPE_FLAGS if ckpt else []:  # a flag given again that changes a network's shape
+        if ckpt["args"].get(k) is not None and getattr(args, k) not in (None, ckpt["args"][k]):
+            flag = "--" + k.replace("_", "-")
+            sys.exit(f"error: {args.resume} was trained with {flag} {ckpt['args'][k]}, which {flag} "
+                     f"{getattr(args, k)} does not fit; drop {flag} to use the checkpoint's")
+    size, channels = REPORT_SHAPE.get(args.arch, (None, None))
+    if size and args.img_size != size:
+        sys.exit(f"error: --arch {args.arch} is the report's {size}x{size} network, which --img-size "
+                 f"{args.img_size} does not fit; drop --img-size")
+    if channels and args.channels != channels:
+        sys.exit(f"error: --arch {args.arch} is the report's {channels}-channel network, which --channels "
+                 f"{args.channels} does not fit; drop --channels")
+    if args.arch != "paper" and (args.ngf, args.ndf) != (64, 64):
+        sys.exit(f"error: --arch {args.arch} has the report's own widths; --ngf and --ndf change only --arch paper")
     check_size(args, device)
     done = ckpt["epoch"] if ckpt else 0
     if args.epochs <= done and not args.sample:
@@ -221,11 +340,6 @@ def check_args(args, ckpt, device, ddp, rank):
     if ckpt and args.epochs > done and 0 < args.max_steps <= ckpt["step"]:
         sys.exit(f"error: nothing to train: {args.resume} is already at step {ckpt['step']} and --max-steps "
                  f"is {args.max_steps}; raise --max-steps or drop it")
-    for k in SHAPE_FLAGS if ckpt else []:  # a flag given again that changes a network's shape
-        if ckpt["args"].get(k) is not None and getattr(args, k) not in (None, ckpt["args"][k]):
-            flag = "--" + k.replace("_", "-")
-            sys.exit(f"error: {args.resume} was trained with {flag} {ckpt['args'][k]}, which {flag} "
-                     f"{getattr(args, k)} does not fit; drop {flag} to use the checkpoint's")
     if rank == 0:  # an output folder that cannot be written is found now, not after the first epoch
         try:
             os.makedirs(args.out, exist_ok=True)
@@ -378,6 +492,59 @@ def agree_to_stop(bad, caught, ddp, ckpt_path, where):
 
 
 # -----------------------------------------------------------------------------
+# Sampling: --sample N single PNGs for metrics.py, from fresh z, networks in eval mode, no grad.
+
+SAMPLE_BATCH = 500  # images generated at a time
+D_FILTER_PATIENCE = 10  # --d-filter: batches drawn before an acceptance below 1% stops the run
+
+
+def truncated_normal(n, dim, T=None, device="cpu", generator=None):
+    """n x dim draws of z ~ N(0, I) where every component with |z_i| > T is redrawn until all lie
+    within T: the truncation trick (Brock, Donahue & Simonyan 2019, arXiv 1809.11096, section 3.1),
+    less varied but more typical samples as T shrinks. T = None: plain N(0, I)."""
+    z = torch.randn(n, dim, device=device, generator=generator)
+    if T is not None:
+        out = z.abs() > T  # n x dim: the components to redraw
+        while out.any():
+            z[out] = torch.randn(int(out.sum()), device=device, generator=generator)
+            out = z.abs() > T
+    return z
+
+
+def write_samples(G, D, args, device, log):
+    """OUT/samples/000000.png ... With --d-filter P only images the discriminator passes as real,
+    sigmoid(D(G(z))) >= P, are written (the CelebA GAN report showed samples "passed as real
+    images by the discriminator"), drawing batches until N are. If after D_FILTER_PATIENCE batches
+    fewer than 1% passed, D rejects almost everything and the run stops instead of drawing on."""
+    G.eval(), D.eval()
+    gen = torch.Generator(device).manual_seed(args.seed + 1)
+    folder, written, drawn, passed = os.path.join(args.out, "samples"), 0, 0, 0
+    with torch.no_grad():
+        while written < args.sample:
+            n = SAMPLE_BATCH if args.d_filter is not None else min(SAMPLE_BATCH, args.sample - written)
+            x = G(truncated_normal(n, args.latent_dim, args.truncation, device, gen))  # n x C x S x S
+            drawn += n
+            if args.d_filter is not None:
+                x = x[torch.sigmoid(D(x).float()) >= args.d_filter]  # D's logit -> probability of "real"
+                passed += len(x)
+            x = x[:args.sample - written]
+            try:
+                data.write_pngs(x, folder, first=written)
+            except data.DataError as e:
+                sys.exit(f"error: {e}")
+            written += len(x)
+            if (args.d_filter is not None and written < args.sample and drawn >= D_FILTER_PATIENCE * SAMPLE_BATCH
+                    and passed < 0.01 * drawn):
+                sys.exit(f"error: --d-filter {args.d_filter}: the discriminator passed only {passed} of {drawn} "
+                         f"samples, so it rejects almost everything (a collapsed or over-confident D); {written} of "
+                         f"{args.sample} were written to {folder}; lower --d-filter or use another checkpoint")
+    if args.d_filter is not None:
+        log(f"--d-filter {args.d_filter}: the discriminator passed {passed} of {drawn} samples "
+            f"({100 * passed / drawn:.1f}%)")
+    log(f"wrote {args.sample} samples to {folder}")
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     # --- Setup: flags (completed from the checkpoint), device, ranks, everything checked.
@@ -394,8 +561,10 @@ def main(argv=None):
     # A resumed run continues in its checkpoint's folder, wherever that folder has moved.
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                             os.path.join("runs", f"dcgan-{os.path.basename(os.path.normpath(args.data))}"))
+    size, channels = REPORT_SHAPE.get(args.arch, (None, None))  # what a report's network fixes
     if args.img_size is None:
-        args.img_size = 64 if args.data == "celeba" else 32
+        args.img_size = size or (64 if args.data == "celeba" else 32)
+    args.channels = args.channels or channels
     check_args(args, ckpt, device, ddp, rank)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -496,18 +665,9 @@ def main(argv=None):
             dist.destroy_process_group()
         sys.exit(128 + signum)  # 130 for Ctrl-C, as shells expect
 
-    # --- Sampling: N single PNGs from fresh z for metrics.py, generator in eval mode.
+    # --- Sampling: N single PNGs from fresh z for metrics.py (optionally truncated, D-filtered).
     if args.sample and rank == 0:
-        G.eval()
-        gen = torch.Generator(device).manual_seed(args.seed + 1)
-        with torch.no_grad():
-            for i in range(0, args.sample, 500):
-                z = torch.randn(min(500, args.sample - i), args.latent_dim, device=device, generator=gen)
-                try:
-                    data.write_pngs(G(z), os.path.join(args.out, "samples"), first=i)
-                except data.DataError as e:
-                    sys.exit(f"error: {e}")
-        log(f"wrote {args.sample} samples to {os.path.join(args.out, 'samples')}")
+        write_samples(G, D, args, device, log)
     if ddp:
         dist.destroy_process_group()
 

@@ -114,13 +114,16 @@ def get_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all ranks")
     p.add_argument("--resume", default=None, help="ckpt.pt to continue from; flags not given again come from it")
     p.add_argument("--sample", type=int, default=0, help="after training, write this many single PNGs to OUT/samples/")
+    p.add_argument("--truncation", type=float, default=None, help="--sample: redraw each |z_i| > T (std units; None: off)")
+    p.add_argument("--d-filter", type=float, default=None, help="--sample: write only sigmoid(D) >= P (None: off)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
     return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
-RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out"}
+RUNTIME_FLAGS = {"resume", "sample", "truncation", "d_filter", "device", "amp", "compile", "sync_bn", "max_steps",
+                 "out"}
 # Flags that fix the networks' shapes: a checkpoint only fits networks built with its own.
 SHAPE_FLAGS = ["latent_dim", "channels", "img_size"]
 
@@ -178,6 +181,13 @@ def check_args(args, ckpt, device, ddp, rank):
         sys.exit(f"error: --beta1 must be in [0, 1), got {args.beta1}")
     if args.img_size < 1:
         sys.exit(f"error: --img-size must be a positive number of pixels, got {args.img_size}")
+    if args.truncation is not None and not (math.isfinite(args.truncation) and args.truncation > 0):
+        sys.exit(f"error: --truncation must be a positive number of standard deviations, got {args.truncation}")
+    if args.d_filter is not None and not 0 <= args.d_filter < 1:  # also refuses nan
+        sys.exit(f"error: --d-filter is a probability in [0, 1), got {args.d_filter}")
+    for flag, v in {"--truncation": args.truncation, "--d-filter": args.d_filter}.items():
+        if v is not None and not args.sample:
+            sys.exit(f"error: {flag} changes only the images --sample writes; add --sample N")
     world = int(os.environ["WORLD_SIZE"]) if ddp else 1
     if args.batch_size // world < 2:  # BatchNorm1d normalises each feature over the batch
         sys.exit(f"error: --batch-size {args.batch_size} leaves fewer than 2 images per rank, too few for the "
@@ -348,6 +358,59 @@ def agree_to_stop(bad, caught, ddp, ckpt_path, where):
 
 
 # -----------------------------------------------------------------------------
+# Sampling: --sample N single PNGs for metrics.py, from fresh z, networks in eval mode, no grad.
+
+SAMPLE_BATCH = 500  # images generated at a time
+D_FILTER_PATIENCE = 10  # --d-filter: batches drawn before an acceptance below 1% stops the run
+
+
+def truncated_normal(n, dim, T=None, device="cpu", generator=None):
+    """n x dim draws of z ~ N(0, I) where every component with |z_i| > T is redrawn until all lie
+    within T: the truncation trick (Brock, Donahue & Simonyan 2019, arXiv 1809.11096, section 3.1),
+    less varied but more typical samples as T shrinks. T = None: plain N(0, I)."""
+    z = torch.randn(n, dim, device=device, generator=generator)
+    if T is not None:
+        out = z.abs() > T  # n x dim: the components to redraw
+        while out.any():
+            z[out] = torch.randn(int(out.sum()), device=device, generator=generator)
+            out = z.abs() > T
+    return z
+
+
+def write_samples(G, D, args, device, log):
+    """OUT/samples/000000.png ... With --d-filter P only images the discriminator passes as real,
+    sigmoid(D(G(z))) >= P, are written (the CelebA GAN report showed samples "passed as real
+    images by the discriminator"), drawing batches until N are. If after D_FILTER_PATIENCE batches
+    fewer than 1% passed, D rejects almost everything and the run stops instead of drawing on."""
+    G.eval(), D.eval()
+    gen = torch.Generator(device).manual_seed(args.seed + 1)
+    folder, written, drawn, passed = os.path.join(args.out, "samples"), 0, 0, 0
+    with torch.no_grad():
+        while written < args.sample:
+            n = SAMPLE_BATCH if args.d_filter is not None else min(SAMPLE_BATCH, args.sample - written)
+            x = G(truncated_normal(n, args.latent_dim, args.truncation, device, gen))  # n x C x H x W
+            drawn += n
+            if args.d_filter is not None:
+                x = x[torch.sigmoid(D(x).float()) >= args.d_filter]  # D's logit -> probability of "real"
+                passed += len(x)
+            x = x[:args.sample - written]
+            try:
+                data.write_pngs(x, folder, first=written)
+            except data.DataError as e:
+                sys.exit(f"error: {e}")
+            written += len(x)
+            if (args.d_filter is not None and written < args.sample and drawn >= D_FILTER_PATIENCE * SAMPLE_BATCH
+                    and passed < 0.01 * drawn):
+                sys.exit(f"error: --d-filter {args.d_filter}: the discriminator passed only {passed} of {drawn} "
+                         f"samples, so it rejects almost everything (a collapsed or over-confident D); {written} of "
+                         f"{args.sample} were written to {folder}; lower --d-filter or use another checkpoint")
+    if args.d_filter is not None:
+        log(f"--d-filter {args.d_filter}: the discriminator passed {passed} of {drawn} samples "
+            f"({100 * passed / drawn:.1f}%)")
+    log(f"wrote {args.sample} samples to {folder}")
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     # --- Setup: flags (completed from the checkpoint), device, ranks, everything checked.
@@ -462,18 +525,9 @@ def main(argv=None):
             dist.destroy_process_group()
         sys.exit(128 + signum)  # 130 for Ctrl-C, as shells expect
 
-    # --- Sampling: N single PNGs from fresh z for metrics.py, generator in eval mode.
+    # --- Sampling: N single PNGs from fresh z for metrics.py (optionally truncated, D-filtered).
     if args.sample and rank == 0:
-        G.eval()
-        gen = torch.Generator(device).manual_seed(args.seed + 1)
-        with torch.no_grad():
-            for i in range(0, args.sample, 500):
-                z = torch.randn(min(500, args.sample - i), args.latent_dim, device=device, generator=gen)
-                try:
-                    data.write_pngs(G(z), os.path.join(args.out, "samples"), first=i)
-                except data.DataError as e:
-                    sys.exit(f"error: {e}")
-        log(f"wrote {args.sample} samples to {os.path.join(args.out, 'samples')}")
+        write_samples(G, D, args, device, log)
     if ddp:
         dist.destroy_process_group()
 

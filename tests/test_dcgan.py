@@ -1,14 +1,18 @@
 """dcgan.py through its real entry point (main(argv) in-process, and one real subprocess)."""
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 import dcgan
+import latent_edit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "fake", "--ngf", "8", "--ndf", "8", "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
@@ -139,4 +143,190 @@ def test_command_line_entry_point(tmp_path):
 def test_adam_beta1_outside_0_1_is_refused_before_training(tmp_path, beta1):
     with pytest.raises(SystemExit, match=r"--beta1 must be in \[0, 1\)"):
         run(tmp_path, "--beta1", beta1)
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- the reports' networks: --arch
+
+# The CelebA vanilla-GAN-vs-DCGAN report prints no counts; by hand at 64x64x3, latent 100.
+# G: the paper's with ngf 128, 4x4 transposed convs without bias (in * out * 16), BatchNorm (2 per channel).
+CELEBA_G = sum(a * b * 16 for a, b in zip([100, 1024, 512, 256, 128], [1024, 512, 256, 128, 3])) + \
+    2 * (1024 + 512 + 256 + 128)
+# D: four biased 4x4 convs (in * out * 16 + out), then Linear(256 * 4 * 4, 1).
+CELEBA_D = sum(a * b * 16 + b for a, b in zip([3, 32, 64, 128], [32, 64, 128, 256])) + 256 * 4 * 4 + 1
+
+
+def report_nets(arch, channels, size):
+    return dcgan.build(dict(arch=arch, latent_dim=100, ngf=64, ndf=64, channels=channels, img_size=size))
+
+
+def test_report_networks_have_the_reports_parameter_counts():
+    # The CIFAR-10 report's two tables, as printed: G 11,429,632 and D 4,309,441.
+    G, D = report_nets("cifar10-report", 3, 32)
+    assert (n_params(G), n_params(D)) == (11_429_632, 4_309_441)
+    assert G.net[0].kernel_size == (2, 2)  # the 2x2 start
+    assert [m.kernel_size for m in D.modules() if isinstance(m, nn.Conv2d)] == [(5, 5)] * 4
+    assert [type(m).__name__ for m in D.net] == ["Conv2d", "LeakyReLU"] + \
+        ["Conv2d", "LeakyReLU", "BatchNorm2d"] * 3 + ["Flatten", "Linear"]  # LeakyReLU before BatchNorm
+    # The MNIST report's printed networks: G 1,066,880 and D 166,789 with its Linear(4, 1) head.
+    G, D = report_nets("mnist-report", 1, 32)
+    assert (n_params(G), n_params(D)) == (1_066_880, 166_789)
+    assert D.net[-1].in_features == 4
+    # The CelebA GAN report's DCGAN at 64x64x3: 12,658,432 and 694,241.
+    G, D = report_nets("celeba-gans-report", 3, 64)
+    assert (n_params(G), n_params(D)) == (CELEBA_G, CELEBA_D) == (12_658_432, 694_241)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
+
+
+@pytest.mark.parametrize("arch,flags,counts,shape", [
+    ("cifar10-report", [], (11_429_632, 4_309_441), ((32, 32), "RGB")),
+    ("mnist-report", [], (1_066_880, 166_789), ((32, 32), "L")),
+    ("celeba-gans-report", ["--img-size", "64"], (CELEBA_G, CELEBA_D), ((64, 64), "RGB"))])
+def test_the_entry_point_prints_each_report_networks_parameter_counts(tmp_path, capsys, arch, flags, counts, shape):
+    out = str(tmp_path / "run")  # --epochs 0 --sample 1: the networks are built and printed, nothing trains
+    dcgan.main(["--data", "fake", "--arch", arch, *flags, "--epochs", "0", "--sample", "1", "--out", out,
+                "--device", "cpu"])
+    assert f"G: {counts[0]:,} parameters   D: {counts[1]:,} parameters" in capsys.readouterr().out
+    img = Image.open(os.path.join(out, "samples", "000000.png"))
+    assert (img.size, img.mode) == shape
+
+
+@pytest.mark.parametrize("arch", ["cifar10-report", "mnist-report", "celeba-gans-report"])
+def test_each_report_arch_trains_resumes_samples_and_loads_from_its_checkpoint(tmp_path, arch):
+    out, S, C = str(tmp_path / arch), 32, 1 if arch == "mnist-report" else 3
+    dcgan.main(["--data", "fake", "--arch", arch, "--batch-size", "4", "--log-every", "1", "--max-steps", "1",
+                "--out", out, "--device", "cpu"])
+    path = os.path.join(out, "ckpt.pt")
+    dcgan.main(["--resume", path, "--max-steps", "2", "--sample", "3", "--device", "cpu"])
+    c = ckpt(out)
+    assert c["args"]["arch"] == arch and (c["args"]["img_size"], c["args"]["channels"]) == (S, C)
+    assert c["step"] == 2 and c["optD"]["state"][0]["step"].item() == 2  # Adam's state resumed, not restarted
+    img = Image.open(os.path.join(out, "samples", "000002.png"))
+    assert img.size == (S, S) and img.mode == ("L" if C == 1 else "RGB")
+    G = dcgan.load_model(path)  # from the checkpoint alone
+    assert type(G) is type(report_nets(arch, C, S)[0]) and not G.training
+    assert all(torch.equal(v, c["G"][k]) for k, v in G.state_dict().items())
+    with torch.no_grad():
+        assert G(torch.randn(2, 100)).shape == (2, C, S, S)
+    grid = latent_edit.main(["interpolate", "--ckpt", path, "--steps", "3", "--n", "2",
+                             "--out", str(tmp_path / "interp.png"), "--device", "cpu"])
+    assert Image.open(grid).size == (3 * S + 4 * 2, 2 * S + 3 * 2)  # 3 columns, 2 rows, 2-pixel padding
+
+
+def test_report_arch_conflicts_are_refused_before_any_work(tmp_path):
+    argv = ["--data", "fake", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    with pytest.raises(SystemExit, match="cifar10-report is the report's 32x32 network, which --img-size 64"):
+        dcgan.main(argv + ["--arch", "cifar10-report", "--img-size", "64"])
+    with pytest.raises(SystemExit, match="mnist-report is the report's 1-channel network, which --channels 3"):
+        dcgan.main(argv + ["--arch", "mnist-report", "--channels", "3"])
+    with pytest.raises(SystemExit, match="report's own widths; --ngf and --ndf change only --arch paper"):
+        dcgan.main(argv + ["--arch", "celeba-gans-report", "--ngf", "8"])
+    assert not (tmp_path / "run").exists()
+    out = run(tmp_path, "--max-steps", "1")  # a paper checkpoint resumed with a report's networks
+    with pytest.raises(SystemExit, match="trained with --arch paper, which --arch mnist-report does not fit"):
+        dcgan.main(["--resume", os.path.join(out, "ckpt.pt"), "--arch", "mnist-report", "--device", "cpu"])
+
+
+def test_a_torchrun_launch_trains_a_report_arch(tmp_path):
+    out = str(tmp_path / "ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "dcgan.py",
+                        "--data", "fake", "--arch", "mnist-report", "--batch-size", "8", "--max-steps", "2",
+                        "--log-every", "1", "--out", out, "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = ckpt(out)
+    assert c["args"]["arch"] == "mnist-report" and c["step"] == 2
+
+
+# ---------------------------------------------------------------- sampling: --truncation and --d-filter
+
+def test_truncated_normal_stays_within_t_with_the_truncated_normal_variance():
+    z = dcgan.truncated_normal(100_000, 1, 1.0, generator=torch.Generator().manual_seed(0))
+    assert z.shape == (100_000, 1) and z.abs().max() <= 1
+    # N(0, 1) restricted to [-1, 1]: variance 1 - 2 phi(1) / (2 Phi(1) - 1), phi and Phi the normal pdf and cdf.
+    phi, Phi = math.exp(-0.5) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    var = 1 - 2 * phi / (2 * Phi - 1)
+    assert var == pytest.approx(0.2911, abs=1e-4)
+    assert z.var().item() == pytest.approx(var, abs=0.004)  # the estimate's standard error is 0.0009
+    assert abs(z.mean().item()) < 0.01
+    assert dcgan.truncated_normal(1000, 4).abs().max() > 2  # no T: plain N(0, I), tails included
+
+
+def record_z(monkeypatch, script):
+    """Every z the generator is called on, in order (but the shapes-only dry run on the meta device)."""
+    zs, real_forward = [], script.Generator.forward
+
+    def forward(self, z):
+        if z.device.type != "meta":
+            zs.append(z.clone())
+        return real_forward(self, z)
+    monkeypatch.setattr(script.Generator, "forward", forward)
+    return zs
+
+
+def test_sample_with_truncation_writes_n_files_from_z_within_t(tmp_path, monkeypatch):
+    out = run(tmp_path, "--max-steps", "1")
+    zs = record_z(monkeypatch, dcgan)
+    dcgan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "9", "--truncation", "0.5",
+                "--device", "cpu"])
+    assert sorted(os.listdir(os.path.join(out, "samples"))) == [f"{i:06d}.png" for i in range(9)]
+    assert len(zs) == 1 and zs[0].shape == (9, 100) and zs[0].abs().max() <= 0.5
+
+
+def test_d_filter_0_passes_every_sample_and_draws_truncated_z(tmp_path, monkeypatch, capsys):
+    out = run(tmp_path, "--max-steps", "1")
+    zs = record_z(monkeypatch, dcgan)
+    dcgan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "7", "--d-filter", "0",
+                "--truncation", "1.5", "--device", "cpu"])
+    assert len(os.listdir(os.path.join(out, "samples"))) == 7
+    assert "passed 500 of 500 samples (100.0%)" in capsys.readouterr().out  # one batch of 500, all kept
+    assert len(zs) == 1 and zs[0].abs().max() <= 1.5
+
+
+def test_d_filter_writes_exactly_the_samples_d_scores_at_least_p(tmp_path, monkeypatch, capsys):
+    out = run(tmp_path, "--max-steps", "1")
+    scored = []  # every batch D was shown
+
+    def forward(self, x):  # a D that passes a known share: sample i of a batch of n gets (i + 0.5) / n
+        if x.device.type != "meta":  # not the shapes-only dry run
+            scored.append(x.clone())
+        return torch.logit((torch.arange(len(x), device=x.device) + 0.5) / len(x))
+    monkeypatch.setattr(dcgan.Discriminator, "forward", forward)
+    dcgan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "130", "--d-filter", "0.75",
+                "--device", "cpu"])
+    # (i + 0.5) / 500 >= 0.75 for i >= 375: 125 of each batch of 500 pass, so 130 take two batches.
+    assert len(scored) == 2 and "passed 250 of 1000 samples (25.0%)" in capsys.readouterr().out
+    kept = torch.cat([x[375:] for x in scored])[:130]
+    u8 = ((kept + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    folder = os.path.join(out, "samples")
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(130)]
+    for i in range(130):
+        assert np.array_equal(np.array(Image.open(os.path.join(folder, f"{i:06d}.png"))), u8[i]), i
+
+
+def test_d_filter_stops_when_d_rejects_almost_everything(tmp_path):
+    out = str(tmp_path / "run")
+    dcgan.main(["--data", "fake", "--arch", "mnist-report", "--batch-size", "4", "--max-steps", "1", "--out", out,
+                "--device", "cpu"])
+    path, c = os.path.join(out, "ckpt.pt"), ckpt(out)
+    c["D"]["net.10.bias"].fill_(-100.0)  # the Linear(4, 1) head's bias by hand: D(G(z)) is about sigmoid(-100)
+    torch.save(c, path)
+    drawn = dcgan.D_FILTER_PATIENCE * dcgan.SAMPLE_BATCH
+    with pytest.raises(SystemExit, match=rf"passed only 0 of {drawn} samples, so it rejects almost everything "
+                                         r"\(a collapsed or over-confident D\); 0 of 20 were written"):
+        dcgan.main(["--resume", path, "--epochs", "0", "--sample", "20", "--d-filter", "0.5", "--device", "cpu"])
+    assert os.listdir(os.path.join(out, "samples")) == []
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--truncation", "0", "--sample", "2"], "--truncation must be a positive number"),
+    (["--truncation", "-1", "--sample", "2"], "--truncation must be a positive number"),
+    (["--d-filter", "1", "--sample", "2"], r"--d-filter is a probability in \[0, 1\)"),
+    (["--d-filter", "-0.1", "--sample", "2"], r"--d-filter is a probability in \[0, 1\)"),
+    (["--d-filter", "nan", "--sample", "2"], r"--d-filter is a probability in \[0, 1\)"),
+    (["--d-filter", "0.5"], "--d-filter changes only the images --sample writes; add --sample N"),
+    (["--truncation", "1"], "--truncation changes only the images --sample writes; add --sample N")])
+def test_sampling_flags_are_refused_before_any_work(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        run(tmp_path, *flags)
     assert not (tmp_path / "run").exists()
