@@ -7,6 +7,7 @@ be drawn as a plane: see latent_edit.py).
     python mlp_vae.py --data mnist                                # the MNIST report, 28x28, 10 epochs
     python mlp_vae.py --data mnist --latent-dim 20                # as pytorch/examples' vae
     python mlp_vae.py --resume runs/mlp_vae-mnist/ckpt.pt --epochs 0 --sample 10000
+    python mlp_vae.py --resume runs/mlp_vae-mnist/ckpt.pt --epochs 0 --recon-samples 10000
     torchrun --nproc_per_node=2 mlp_vae.py --data mnist           # data-parallel on 2 devices
 """
 import argparse
@@ -123,13 +124,17 @@ def get_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all ranks (this model has none)")
     p.add_argument("--resume", default=None, help="ckpt.pt to continue from; flags not given again come from it")
     p.add_argument("--sample", type=int, default=0, help="after training, write this many single PNGs to OUT/samples/")
+    p.add_argument("--temperature", type=float, default=1.0, help="--sample draws z ~ N(0, t^2 I) with this t (1: the prior)")
+    p.add_argument("--recon-samples", type=int, default=0,
+                   help="after training, write the reconstructions decode(mu) of the first N held-out images to OUT/recon_samples/")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
     return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
-RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out"}
+RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out", "temperature",
+                 "recon_samples"}
 # Flags that fix the network's shapes: a checkpoint only fits a network built with its own.
 SHAPE_FLAGS = ["latent_dim", "channels", "img_size"]
 
@@ -178,21 +183,27 @@ def check_args(args, ckpt, device, ddp, rank):
         if v < 1:
             sys.exit(f"error: {flag} must be at least 1, got {v}")
     for flag, v in {"--epochs": args.epochs, "--sample": args.sample, "--max-steps": args.max_steps,
-                    "--crop": args.crop or 0}.items():
+                    "--crop": args.crop or 0, "--recon-samples": args.recon_samples}.items():
         if v < 0:
             sys.exit(f"error: {flag} cannot be negative, got {v}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         sys.exit(f"error: --lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        sys.exit(f"error: --temperature must be a positive number (1: samples from the prior N(0, I)), "
+                 f"got {args.temperature}")
     if args.img_size is not None and args.img_size < 1:
         sys.exit(f"error: --img-size must be at least 1 pixel, got {args.img_size}")
+    if args.recon_samples and not data.has_test_split(args.data):
+        sys.exit(f"error: --recon-samples reconstructs a held-out split, which only the named datasets "
+                 f"({', '.join(data.DATASETS)}) have and {args.data} does not; drop --recon-samples")
     if ddp and args.sync_bn and device.type != "cuda":  # as in the other scripts, whose DDP would raise
         sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
                  "drop --sync-bn (this model has no BatchNorm to synchronise)")
     check_size(args, device)
     done = ckpt["epoch"] if ckpt else 0
-    if args.epochs <= done and not args.sample:
+    if args.epochs <= done and not (args.sample or args.recon_samples):
         sys.exit(f"error: nothing to train: {f'{args.resume} has finished {done} epochs' if ckpt else '--epochs is 0'} "
-                 f"and no --sample was asked for; raise --epochs to train on")
+                 f"and no --sample or --recon-samples was asked for; raise --epochs to train on")
     if ckpt and args.epochs > done and 0 < args.max_steps <= ckpt["step"]:
         sys.exit(f"error: nothing to train: {args.resume} is already at step {ckpt['step']} and --max-steps "
                  f"is {args.max_steps}; raise --max-steps or drop it")
@@ -346,6 +357,22 @@ def agree_to_stop(bad, caught, ddp, ckpt_path, where):
 
 
 # -----------------------------------------------------------------------------
+# Single images for metrics.py: prior samples (--sample) and held-out reconstructions (--recon-samples).
+
+def write_singles(model, codes, n, folder, log):
+    """decode(codes(i, b)), b codes from number i on, as n single PNGs folder/000000.png ... (data.write_pngs,
+    the files metrics.py reads), 500 at a time, in eval mode without grad; a failed write is one sentence."""
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, 500):
+            try:
+                data.write_pngs(model.decode(codes(i, min(500, n - i))), folder, first=i)
+            except data.DataError as e:
+                sys.exit(f"error: {e}")
+    log(f"wrote {n} images to {folder}")
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     # --- Setup: flags (completed from the checkpoint), device, ranks, everything checked.
@@ -372,23 +399,30 @@ def main(argv=None):
     train = epoch < args.epochs
 
     # --- Data: decoded once into a uint8 cache, then served as [-1, 1] batches on the device.
-    # The held-out split (where the dataset has one) gives the test loss at each epoch end.
+    # The held-out split (where the dataset has one) gives the test loss at each epoch end and
+    # the images of --recon-samples.
     loader = test_images = None
-    if train:
-        try:
+    try:
+        if train:
             ds = data.load(args.data, root=args.data_root, split="train", img_size=args.img_size,
                            channels=args.channels, crop=args.crop)
-            if data.has_test_split(args.data):
-                test_images = data.load(args.data, root=args.data_root, split="test", img_size=args.img_size,
-                                        channels=args.channels, crop=args.crop).images
             loader = data.Loader(ds.images, args.batch_size, device, seed=args.seed, flip=args.flip,
                                  rank=rank, world_size=world)
-        except data.DataError as e:
-            sys.exit(f"error: {e}")
+        if data.has_test_split(args.data) and (train or args.recon_samples):
+            test_images = data.load(args.data, root=args.data_root, split="test", img_size=args.img_size,
+                                    channels=args.channels, crop=args.crop).images
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    if test_images is not None and args.recon_samples > len(test_images):  # known once the split is read
+        sys.exit(f"error: --recon-samples {args.recon_samples} asks for more images than the {len(test_images)} "
+                 f"of the {args.data} held-out split; lower --recon-samples")
+    if train:
         args.img_size, args.channels = ds.images.shape[-1], ds.images.shape[1]
         # The fixed inputs of recon_epoch_NNN.png: the first 32 training images, in rows of 8.
         n_recon, row_len = min(32, len(ds.images)), min(8, len(ds.images))
         recon_x = data.to_float(ds.images[:n_recon - n_recon % row_len]).to(device)
+    elif test_images is not None:  # --recon-samples without training: the held-out images say
+        args.img_size, args.channels = test_images.shape[-1], test_images.shape[1]
     else:  # sampling only: the checkpoint normally says
         args.img_size = args.img_size or data.DEFAULT_IMG_SIZE.get(args.data, 64)
         args.channels = args.channels or 1
@@ -471,18 +505,16 @@ def main(argv=None):
             dist.destroy_process_group()
         sys.exit(128 + signum)  # 130 for Ctrl-C, as shells expect
 
-    # --- Sampling: N single PNGs decoded from fresh z ~ N(0, I) for metrics.py, eval mode.
+    # --- Single PNGs for metrics.py: N prior samples decode(z), z ~ N(0, t^2 I) = t * eps (--temperature t;
+    # t = 1 is the model's prior), and the reconstructions decode(mu(x)) of the first N held-out images,
+    # the mean code, no sampling (how the CIFAR-10 report scored its VAE).
     if args.sample and rank == 0:
-        model.eval()
         gen = torch.Generator(device).manual_seed(args.seed + 1)
-        with torch.no_grad():
-            for i in range(0, args.sample, 500):
-                z = torch.randn(min(500, args.sample - i), args.latent_dim, device=device, generator=gen)
-                try:
-                    data.write_pngs(model.decode(z), os.path.join(args.out, "samples"), first=i)
-                except data.DataError as e:
-                    sys.exit(f"error: {e}")
-        log(f"wrote {args.sample} samples to {os.path.join(args.out, 'samples')}")
+        prior = lambda i, b: args.temperature * torch.randn(b, args.latent_dim, device=device, generator=gen)
+        write_singles(model, prior, args.sample, os.path.join(args.out, "samples"), log)
+    if args.recon_samples and rank == 0:
+        mean_codes = lambda i, b: model.encode(data.to_float(test_images[i:i + b]).to(device))[0]  # mu, b x latent
+        write_singles(model, mean_codes, args.recon_samples, os.path.join(args.out, "recon_samples"), log)
     if ddp:
         dist.destroy_process_group()
 

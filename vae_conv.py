@@ -5,8 +5,9 @@ model and its loss); Hou, Shen, Sun & Qiu, "Deep Feature Consistent Variational
 Autoencoder", WACV 2017, arXiv:1610.00291, Fig. 2 (the encoder and decoder).
 
     python vae_conv.py --data celeba --epochs 50               # the CelebA report, 64x64, MSE
-    python vae_conv.py --data cifar10 --recon bce               # the CIFAR-10 report, 32x32, BCE
+    python vae_conv.py --data cifar10 --arch cifar10-report --epochs 100   # the CIFAR-10 report's VAE, BCE
     python vae_conv.py --resume runs/vae_conv-celeba/ckpt.pt --epochs 0 --sample 10000
+    python vae_conv.py --resume runs/vae_conv-cifar10/ckpt.pt --epochs 0 --recon-samples 10000
     torchrun --nproc_per_node=2 vae_conv.py --data celeba       # data-parallel on 2 devices
 """
 import argparse
@@ -49,6 +50,7 @@ class VAE(nn.Module):
     def __init__(self, latent_dim=128, width=256, channels=3, img_size=64, recon="mse"):
         super().__init__()
         self.latent_dim, self.width, self.recon = latent_dim, width, recon
+        self.start = (width, 4, 4)  # the decoder's first feature map
         n = _num_blocks(img_size, width)
         widths = [width >> k for k in reversed(range(n))]  # 64px: 32, 64, 128, 256
         layers, ch = [], channels
@@ -73,7 +75,7 @@ class VAE(nn.Module):
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decoder_output(self, z):  # what the loss compares: tanh images (mse) or logits (bce)
-        return self.decoder(self.fc_z(z).view(-1, self.width, 4, 4))
+        return self.decoder(self.fc_z(z).view(-1, *self.start))
 
     def decode(self, z):  # z: B x latent -> B x C x S x S images in [-1, 1], whatever the loss
         out = self.decoder_output(z)
@@ -84,8 +86,45 @@ class VAE(nn.Module):
         return self.decoder_output(reparameterise(mu, logvar, generator)), mu, logvar
 
 
+class CifarReportVAE(VAE):
+    """--arch cifar10-report: the VAE of the CIFAR-10 report, 32x32x3 only, layer by layer as its parameter
+    table (counts at latent 512: encoder 21,931,264, decoder 4,831,447). encode, decode and forward are VAE's.
+    Choice (the report states no activations): LeakyReLU(0.2) after every hidden layer, as the Hou et al.
+    network above; padding 1 and output padding 1 are what its 3x3 kernels (from the counts) need to
+    halve or double the map. The last layer gives logits for --recon bce (the report's BCE on [0, 1]
+    pixels, this arch's default), or tanh images for --recon mse."""
+
+    def __init__(self, latent_dim=512, recon="bce"):
+        nn.Module.__init__(self)  # VAE's methods with these layers
+        self.latent_dim, self.recon, self.start = latent_dim, recon, (1024, 2, 2)
+        act = lambda: nn.LeakyReLU(0.2, True)
+        self.encoder = nn.Sequential(                              # B x 3 x 32 x 32
+            nn.Conv2d(3, 128, 3, 2, 1), act(),                     # -> B x 128 x 16 x 16        3,584
+            nn.Conv2d(128, 256, 3, 2, 1), act(),                   # -> B x 256 x 8 x 8        295,168
+            nn.Conv2d(256, 512, 3, 2, 1), act(),                   # -> B x 512 x 4 x 4      1,180,160
+            nn.Conv2d(512, 1024, 3, 2, 1), act(),                  # -> B x 1024 x 2 x 2     4,719,616
+            nn.Flatten(), nn.Linear(4096, 3072), act())            # -> B x 4096 -> B x 3072 12,585,984
+        self.fc_mu = nn.Linear(3072, latent_dim)                   # -> B x 512              1,573,376
+        self.fc_logvar = nn.Linear(3072, latent_dim)               # -> B x 512              1,573,376
+        self.fc_z = nn.Linear(latent_dim, 4096)                    # B x 512 -> B x 1024 x 2 x 2   2,101,248
+        self.decoder = nn.Sequential(act(),
+            nn.ConvTranspose2d(1024, 256, 3, 2, 1, output_padding=1), act(),  # -> B x 256 x 4 x 4   2,359,552
+            nn.ConvTranspose2d(256, 128, 3, 2, 1, output_padding=1), act(),   # -> B x 128 x 8 x 8     295,040
+            nn.ConvTranspose2d(128, 64, 3, 2, 1, output_padding=1), act(),    # -> B x 64 x 16 x 16     73,792
+            nn.ConvTranspose2d(64, 3, 3, 2, 1, output_padding=1), act(),      # -> B x 3 x 32 x 32       1,731
+            nn.ConvTranspose2d(3, 3, 3, 1, 1),                                # -> B x 3 x 32 x 32          84
+            *([nn.Tanh()] if recon == "mse" else []))  # tanh images (mse) or logits (bce)
+
+
+# What each --arch sets where a flag is left unset (the paper's image size: 64 on CelebA, else 32).
+ARCH_DEFAULTS = {"paper": {"latent_dim": 128, "recon": "mse"},
+                 "cifar10-report": {"latent_dim": 512, "recon": "bce", "img_size": 32, "channels": 3}}
+
+
 def build(cfg):
-    """The VAE from a config dict (vars(args) or a checkpoint's copy of it)."""
+    """The VAE from a config dict (vars(args) or a checkpoint's copy of it; one from before --arch is the paper's)."""
+    if cfg.get("arch", "paper") == "cifar10-report":
+        return CifarReportVAE(cfg["latent_dim"], cfg["recon"])
     return VAE(cfg["latent_dim"], cfg["width"], cfg["channels"], cfg["img_size"], cfg["recon"])
 
 
@@ -135,6 +174,9 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="celeba", help=f"one of {', '.join(data.DATASETS)}, or a folder of images")
     p.add_argument("--data-root", default="data", help="where datasets and the decoded cache live")
+    p.add_argument("--arch", default="paper", choices=list(ARCH_DEFAULTS),
+                   help="networks: paper (Hou et al., sized by --img-size and --width) or cifar10-report "
+                        "(the CIFAR-10 report's VAE: 32x32x3, latent 512, BCE)")
     p.add_argument("--img-size", type=int, default=None, help="pixels; 64 for celeba, 32 otherwise (16, 32, 64, 128)")
     p.add_argument("--channels", type=int, default=None, choices=[1, 3], help="image channels; default: the dataset's own")
     p.add_argument("--crop", type=int, default=None, help="center-crop this many pixels before resizing (108: CelebA face crop)")
@@ -142,9 +184,11 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, default=50, help="total epochs (a resumed run continues to this count)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the ranks")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (Kingma & Welling's and pytorch/examples' vae; Hou et al. used 5e-4 at batch 64)")
-    p.add_argument("--latent-dim", type=int, default=128, help="size of z (Hou et al. used 100)")
-    p.add_argument("--width", type=int, default=256, help="channels of the deepest conv block; each shallower block halves it")
-    p.add_argument("--recon", default="mse", choices=["mse", "bce"], help="reconstruction loss: mse (tanh decoder) or bce (logits, [0, 1] targets)")
+    p.add_argument("--latent-dim", type=int, default=None, help="size of z; default 128 (Hou et al. used 100), 512 with --arch cifar10-report")
+    p.add_argument("--width", type=int, default=256, help="channels of the deepest conv block; each shallower block halves it (--arch paper)")
+    p.add_argument("--recon", default=None, choices=["mse", "bce"],
+                   help="reconstruction loss: mse (tanh decoder) or bce (logits, [0, 1] targets); "
+                        "default mse, bce with --arch cifar10-report")
     p.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (1: the ELBO)")
     p.add_argument("--out", default=None, help="output folder; default runs/vae_conv-<data>, or the --resume checkpoint's")
     p.add_argument("--seed", type=int, default=0)
@@ -155,15 +199,19 @@ def get_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all ranks")
     p.add_argument("--resume", default=None, help="ckpt.pt to continue from; flags not given again come from it")
     p.add_argument("--sample", type=int, default=0, help="after training, write this many single PNGs to OUT/samples/")
+    p.add_argument("--temperature", type=float, default=1.0, help="--sample draws z ~ N(0, t^2 I) with this t (1: the prior)")
+    p.add_argument("--recon-samples", type=int, default=0,
+                   help="after training, write the reconstructions decode(mu) of the first N held-out images to OUT/recon_samples/")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
     return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
-RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out"}
+RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out", "temperature",
+                 "recon_samples"}
 # Flags that fix the network: a checkpoint only fits a VAE built with its own (--recon: tanh or logits out).
-SHAPE_FLAGS = ["latent_dim", "width", "channels", "img_size", "recon"]
+SHAPE_FLAGS = ["arch", "latent_dim", "width", "channels", "img_size", "recon"]
 
 
 def read_checkpoint(path):
@@ -211,23 +259,28 @@ def check_args(args, ckpt, device, ddp, rank):
         if v < 1:
             sys.exit(f"error: {flag} must be at least 1, got {v}")
     for flag, v in {"--epochs": args.epochs, "--sample": args.sample, "--max-steps": args.max_steps,
-                    "--crop": args.crop or 0}.items():
+                    "--crop": args.crop or 0, "--recon-samples": args.recon_samples}.items():
         if v < 0:
             sys.exit(f"error: {flag} cannot be negative, got {v}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         sys.exit(f"error: --lr must be a positive number, got {args.lr}")
     if not (math.isfinite(args.beta) and args.beta >= 0):
         sys.exit(f"error: --beta must be a number >= 0 (0: no KL term), got {args.beta}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        sys.exit(f"error: --temperature must be a positive number (1: samples from the prior N(0, I)), "
+                 f"got {args.temperature}")
     if args.img_size is not None and args.img_size < 1:
         sys.exit(f"error: --img-size must be a positive power of two, got {args.img_size}")
+    if args.recon_samples and not data.has_test_split(args.data):
+        sys.exit(f"error: --recon-samples reconstructs a held-out split, which only the named datasets "
+                 f"({', '.join(data.DATASETS)}) have and {args.data} does not; drop --recon-samples")
     if ddp and args.sync_bn and device.type != "cuda":  # else DDP raises from inside PyTorch
         sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
                  "drop --sync-bn to keep BatchNorm per rank")
-    check_size(args, device)
     done = ckpt["epoch"] if ckpt else 0
-    if args.epochs <= done and not args.sample:
+    if args.epochs <= done and not (args.sample or args.recon_samples):
         sys.exit(f"error: nothing to train: {f'{args.resume} has finished {done} epochs' if ckpt else '--epochs is 0'} "
-                 f"and no --sample was asked for; raise --epochs to train on")
+                 f"and no --sample or --recon-samples was asked for; raise --epochs to train on")
     if ckpt and args.epochs > done and 0 < args.max_steps <= ckpt["step"]:
         sys.exit(f"error: nothing to train: {args.resume} is already at step {ckpt['step']} and --max-steps "
                  f"is {args.max_steps}; raise --max-steps or drop it")
@@ -236,6 +289,10 @@ def check_args(args, ckpt, device, ddp, rank):
             flag = "--" + k.replace("_", "-")
             sys.exit(f"error: {args.resume} was trained with {flag} {ckpt['args'][k]}, which {flag} "
                      f"{getattr(args, k)} does not fit; drop {flag} to use the checkpoint's")
+    if args.arch == "cifar10-report" and (args.img_size, args.channels) != (32, 3):
+        sys.exit(f"error: --arch cifar10-report is the CIFAR-10 report's VAE for 32x32 RGB images, which --img-size "
+                 f"{args.img_size} --channels {args.channels} does not fit; drop --img-size and --channels")
+    check_size(args, device)
     if rank == 0:  # an output folder that cannot be written is found now, not after the first epoch
         try:
             os.makedirs(args.out, exist_ok=True)
@@ -387,6 +444,22 @@ def agree_to_stop(bad, caught, ddp, ckpt_path, where):
 
 
 # -----------------------------------------------------------------------------
+# Single images for metrics.py: prior samples (--sample) and held-out reconstructions (--recon-samples).
+
+def write_singles(model, codes, n, folder, log):
+    """decode(codes(i, b)), b codes from number i on, as n single PNGs folder/000000.png ... (data.write_pngs,
+    the files metrics.py reads), 500 at a time, in eval mode without grad; a failed write is one sentence."""
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, 500):
+            try:
+                data.write_pngs(model.decode(codes(i, min(500, n - i))), folder, first=i)
+            except data.DataError as e:
+                sys.exit(f"error: {e}")
+    log(f"wrote {n} images to {folder}")
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     # --- Setup: flags (completed from the checkpoint), device, ranks, everything checked.
@@ -396,6 +469,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     if ckpt:
+        ckpt["args"].setdefault("arch", "paper")  # a checkpoint from before --arch has the paper's networks
         restore_args(p, args, ckpt)
     ddp = "RANK" in os.environ  # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is rank 0 of 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -403,6 +477,9 @@ def main(argv=None):
     # A resumed run continues in its checkpoint's folder, wherever that folder has moved.
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                             os.path.join("runs", f"vae_conv-{os.path.basename(os.path.normpath(args.data))}"))
+    for k, v in ARCH_DEFAULTS[args.arch].items():  # flags left unset take their --arch's value
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.img_size is None:
         args.img_size = 64 if args.data == "celeba" else 32
     check_args(args, ckpt, device, ddp, rank)
@@ -417,21 +494,27 @@ def main(argv=None):
     train = epoch < args.epochs
 
     # --- Data: decoded once into a uint8 cache, then served as [-1, 1] batches on the device.
-    # The held-out split (where the dataset has one) gives the test loss at each epoch end.
+    # The held-out split (where the dataset has one) gives the test loss at each epoch end and
+    # the images of --recon-samples.
     loader = test_images = None
-    if train:
-        try:
+    try:
+        if train:
             ds = data.load(args.data, root=args.data_root, split="train", img_size=args.img_size,
                            channels=args.channels, crop=args.crop)
             args.channels = ds.images.shape[1]
             loader = data.Loader(ds.images, args.batch_size, device, seed=args.seed, flip=args.flip,
                                  rank=rank, world_size=world,
                                  channels_last=memory_format == torch.channels_last)
-            if data.has_test_split(args.data):
-                test_images = data.load(args.data, root=args.data_root, split="test", img_size=args.img_size,
-                                        channels=args.channels, crop=args.crop).images
-        except data.DataError as e:
-            sys.exit(f"error: {e}")
+        if data.has_test_split(args.data) and (train or args.recon_samples):
+            test_images = data.load(args.data, root=args.data_root, split="test", img_size=args.img_size,
+                                    channels=args.channels, crop=args.crop).images
+            args.channels = test_images.shape[1]
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    if test_images is not None and args.recon_samples > len(test_images):  # known once the split is read
+        sys.exit(f"error: --recon-samples {args.recon_samples} asks for more images than the {len(test_images)} "
+                 f"of the {args.data} held-out split; lower --recon-samples")
+    if train:
         # The fixed inputs of recon_epoch_NNN.png: the first 32 training images, in rows of 8.
         n_recon, row_len = min(32, len(ds.images)), min(8, len(ds.images))
         recon_x = data.to_float(ds.images[:n_recon - n_recon % row_len]).to(device)
@@ -523,18 +606,16 @@ def main(argv=None):
             dist.destroy_process_group()
         sys.exit(128 + signum)  # 130 for Ctrl-C, as shells expect
 
-    # --- Sampling: N single PNGs decoded from fresh z ~ N(0, I) for metrics.py, eval mode.
+    # --- Single PNGs for metrics.py: N prior samples decode(z), z ~ N(0, t^2 I) = t * eps (--temperature t;
+    # t = 1 is the model's prior), and the reconstructions decode(mu(x)) of the first N held-out images,
+    # the mean code, no sampling (how the CIFAR-10 report scored its VAE).
     if args.sample and rank == 0:
-        model.eval()
         gen = torch.Generator(device).manual_seed(args.seed + 1)
-        with torch.no_grad():
-            for i in range(0, args.sample, 500):
-                z = torch.randn(min(500, args.sample - i), args.latent_dim, device=device, generator=gen)
-                try:
-                    data.write_pngs(model.decode(z), os.path.join(args.out, "samples"), first=i)
-                except data.DataError as e:
-                    sys.exit(f"error: {e}")
-        log(f"wrote {args.sample} samples to {os.path.join(args.out, 'samples')}")
+        prior = lambda i, b: args.temperature * torch.randn(b, args.latent_dim, device=device, generator=gen)
+        write_singles(model, prior, args.sample, os.path.join(args.out, "samples"), log)
+    if args.recon_samples and rank == 0:
+        mean_codes = lambda i, b: model.encode(data.to_float(test_images[i:i + b]).to(device))[0]  # mu, b x latent
+        write_singles(model, mean_codes, args.recon_samples, os.path.join(args.out, "recon_samples"), log)
     if ddp:
         dist.destroy_process_group()
 

@@ -11,12 +11,13 @@ import torch.nn as nn
 
 import data
 import vae_conv
-from vae_helpers import (BCE_HAND, BCE_LOGITS, BCE_X, KL_HAND, KL_LOGVAR, KL_MU, check_run_folder,
-                         heldout_kl, monte_carlo_kl, rows)
+from vae_helpers import (BCE_HAND, BCE_LOGITS, BCE_X, KL_HAND, KL_LOGVAR, KL_MU, check_recon_samples,
+                         check_run_folder, heldout_kl, monte_carlo_kl, prior_samples, read_pngs, rows)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "fake", "--width", "16", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1",
          "--device", "cpu"]
+REPORT = ["--data", "fake", "--arch", "cifar10-report", "--batch-size", "4", "--log-every", "1", "--device", "cpu"]
 
 
 def run(tmp_path, *extra):
@@ -211,3 +212,137 @@ def test_command_line_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "vae_conv.py", "--data", "no-such-set", "--out", out, "--device", "cpu"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
+
+
+# ---------------------------------------------------------------- --arch cifar10-report
+
+def params(*modules):
+    return [sum(p.numel() for p in m.parameters()) for m in modules]
+
+
+def test_cifar10_report_arch_has_the_reports_parameter_table_exactly():
+    m = vae_conv.build({"arch": "cifar10-report", "latent_dim": 512, "recon": "bce"})
+    layers = lambda seq: [m for m in seq if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    # The report's table; each entry is weights + biases of a 3x3 conv or a linear layer, by hand.
+    enc = [3 * 128 * 9 + 128, 128 * 256 * 9 + 256, 256 * 512 * 9 + 512, 512 * 1024 * 9 + 1024,
+           4096 * 3072 + 3072]
+    assert enc == [3_584, 295_168, 1_180_160, 4_719_616, 12_585_984]
+    assert params(*layers(m.encoder)) == enc
+    assert params(m.fc_mu, m.fc_logvar) == [3072 * 512 + 512] * 2 == [1_573_376] * 2
+    dec = [512 * 4096 + 4096, 1024 * 256 * 9 + 256, 256 * 128 * 9 + 128, 128 * 64 * 9 + 64, 64 * 3 * 9 + 3,
+           3 * 3 * 9 + 3]
+    assert dec == [2_101_248, 2_359_552, 295_040, 73_792, 1_731, 84]
+    assert params(m.fc_z, *layers(m.decoder)) == dec
+    assert sum(params(m.encoder, m.fc_mu, m.fc_logvar)) == 21_931_264 and sum(params(m.fc_z, m.decoder)) == 4_831_447
+    # The report's maps: 32 -> 16 -> 8 -> 4 -> 2 down (no BatchNorm), 2 -> 4 -> 8 -> 16 -> 32 up.
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    x, sizes = torch.rand(2, 3, 32, 32) * 2 - 1, []
+    for layer in layers(m.encoder)[:4] + layers(m.decoder):
+        layer.register_forward_hook(lambda mod, i, out: sizes.append(tuple(out.shape[1:])))
+    with torch.no_grad():
+        mu, logvar = m.encode(x)
+        img = m.decode(mu)
+    assert sizes == [(128, 16, 16), (256, 8, 8), (512, 4, 4), (1024, 2, 2),
+                     (256, 4, 4), (128, 8, 8), (64, 16, 16), (3, 32, 32), (3, 32, 32)]
+    assert mu.shape == logvar.shape == (2, 512) and img.shape == x.shape
+    # bce (the report's loss): the decoder ends in logits and decode is their sigmoid on [-1, 1].
+    assert isinstance(m.decoder[-1], nn.ConvTranspose2d)
+    with torch.no_grad():
+        assert torch.allclose(img, torch.sigmoid(m.decoder_output(mu)) * 2 - 1)
+    m = vae_conv.build({"arch": "cifar10-report", "latent_dim": 20, "recon": "mse"})
+    assert isinstance(m.decoder[-1], nn.Tanh) and params(m.fc_mu, m.fc_z) == [3072 * 20 + 20, 20 * 4096 + 4096]
+
+
+def test_cifar10_report_arch_trains_resumes_samples_and_rebuilds_from_its_checkpoint(tmp_path, capsys):
+    import latent_edit
+    out = str(tmp_path / "report")
+    vae_conv.main(REPORT + ["--out", out, "--max-steps", "1"])
+    printed = capsys.readouterr().out
+    assert "encoder: 21,931,264 parameters   decoder: 4,831,447 parameters" in printed
+    assert "latent_dim=512" in printed and "recon=bce" in printed  # the arch's defaults
+    path = os.path.join(out, "ckpt.pt")
+    vae_conv.main(["--resume", path, "--max-steps", "2", "--device", "cpu"])
+    c = ckpt(out)
+    assert c["step"] == 2 and c["opt"]["state"][0]["step"].item() == 2
+    assert {k: c["args"][k] for k in ("arch", "latent_dim", "recon", "img_size", "channels")} == \
+        {"arch": "cifar10-report", "latent_dim": 512, "recon": "bce", "img_size": 32, "channels": 3}
+    vae_conv.main(["--resume", path, "--epochs", "0", "--sample", "3", "--recon-samples", "2", "--device", "cpu"])
+    assert torch.equal(read_pngs(os.path.join(out, "samples"), 3, 32, "RGB"), prior_samples(vae_conv, out, 3, 1.0))
+    check_recon_samples(vae_conv, out, 2, 32, "RGB")
+    m = vae_conv.load_model(path)
+    assert isinstance(m, vae_conv.CifarReportVAE) and m.latent_dim == 512 and not m.training
+    latent_edit.main(["interpolate", "--ckpt", path, "--from", "0", "--to", "1", "--steps", "3",
+                      "--out", str(tmp_path / "path.png"), "--device", "cpu"])
+    assert os.path.getsize(tmp_path / "path.png") > 0
+    # Resuming with the other networks is refused, both named.
+    paper = run(tmp_path, "--max-steps", "1")
+    with pytest.raises(SystemExit, match="--arch paper, which --arch cifar10-report does not fit"):
+        vae_conv.main(["--resume", os.path.join(paper, "ckpt.pt"), "--arch", "cifar10-report", "--epochs", "0",
+                       "--sample", "1", "--device", "cpu"])
+
+
+def test_defaults_follow_the_arch_and_the_report_arch_refuses_other_image_shapes(tmp_path, capsys, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("data was read before the flags were checked")
+    monkeypatch.setattr(data, "load", refuse)
+    # --epochs 0 --sample 1 with no checkpoint: the resolved settings are printed, no data is read.
+    vae_conv.main(["--data", "fake", "--width", "16", "--epochs", "0", "--sample", "1", "--device", "cpu",
+                   "--out", str(tmp_path / "paper")])
+    printed = capsys.readouterr().out
+    assert "arch=paper" in printed and "latent_dim=128" in printed and "recon=mse" in printed
+    vae_conv.main(REPORT + ["--latent-dim", "16", "--recon", "mse", "--epochs", "0", "--sample", "1",
+                            "--out", str(tmp_path / "report")])
+    enc = 21_931_264 - 2 * (3072 * 512 + 512) + 2 * (3072 * 16 + 16)
+    dec = 4_831_447 - (512 * 4096) + 16 * 4096
+    assert f"encoder: {enc:,} parameters   decoder: {dec:,} parameters" in capsys.readouterr().out
+    for flags in (["--img-size", "64"], ["--channels", "1"]):
+        with pytest.raises(SystemExit, match="cifar10-report is the CIFAR-10 report's VAE for 32x32 RGB images"):
+            vae_conv.main(REPORT + flags + ["--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="GiB"):  # check_size counts the report's networks too
+        vae_conv.main(REPORT + ["--batch-size", "10000000", "--out", str(tmp_path / "bad")])
+
+
+# ---------------------------------------------------------------- --recon-samples, --temperature
+
+def test_recon_samples_are_the_mean_code_reconstructions_of_the_first_heldout_images(tmp_path):
+    out = run(tmp_path, "--max-steps", "2", "--recon", "bce", "--recon-samples", "3")
+    check_recon_samples(vae_conv, out, 3, 32, "RGB")
+    # From the checkpoint alone, --epochs 0; --recon-samples is not restored from the checkpoint.
+    os.rename(os.path.join(out, "recon_samples"), os.path.join(out, "first"))
+    vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "1", "--device", "cpu"])
+    assert not os.path.exists(os.path.join(out, "recon_samples"))
+    vae_conv.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--recon-samples", "5",
+                   "--device", "cpu"])
+    check_recon_samples(vae_conv, out, 5, 32, "RGB")
+
+
+def test_recon_samples_beyond_the_heldout_split_or_without_one_are_refused_before_training(tmp_path, image_folder):
+    with pytest.raises(SystemExit, match="--recon-samples 513 asks for more images than the 512 of the fake held-out"):
+        run(tmp_path, "--max-steps", "2", "--recon-samples", "513")
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt") and not os.path.exists(tmp_path / "run" / "losses.csv")
+    with pytest.raises(SystemExit, match="only the named datasets .* have and .*images does not"):
+        vae_conv.main(SMALL + ["--data", str(image_folder), "--recon-samples", "1", "--out", str(tmp_path / "f")])
+    with pytest.raises(SystemExit, match="--recon-samples cannot be negative"):
+        run(tmp_path, "--recon-samples", "-1")
+
+
+def test_temperature_scales_the_prior_samples_only_and_is_not_restored(tmp_path):
+    import torchvision.utils as vutils
+    from PIL import Image
+    out = run(tmp_path, "--max-steps", "1", "--temperature", "0.5")
+    samples, path = os.path.join(out, "samples"), os.path.join(out, "ckpt.pt")
+    # The training grid is still decode(fixed z), unscaled.
+    with torch.no_grad():
+        vutils.save_image(vae_conv.load_model(path).decode(ckpt(out)["fixed_z"]), tmp_path / "fixed.png",
+                          nrow=8, normalize=True, value_range=(-1, 1))
+    assert (Image.open(tmp_path / "fixed.png").tobytes() ==
+            Image.open(os.path.join(out, "grid_epoch_001.png")).tobytes())
+    vae_conv.main(["--resume", path, "--epochs", "0", "--sample", "4", "--device", "cpu"])
+    assert torch.equal(read_pngs(samples, 4, 32, "RGB"), prior_samples(vae_conv, out, 4, 1.0))
+    vae_conv.main(["--resume", path, "--epochs", "0", "--sample", "4", "--temperature", "0.5", "--device", "cpu"])
+    cooled = read_pngs(samples, 4, 32, "RGB")
+    assert torch.equal(cooled, prior_samples(vae_conv, out, 4, 0.5))
+    assert not torch.equal(cooled, prior_samples(vae_conv, out, 4, 1.0))
+    for t in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit, match="--temperature must be a positive number"):
+            vae_conv.main(["--resume", path, "--epochs", "0", "--sample", "1", "--temperature", t, "--device", "cpu"])

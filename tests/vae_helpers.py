@@ -1,9 +1,11 @@
 """Checks shared by tests/test_vae_conv.py and tests/test_mlp_vae.py: hand-computed loss cases,
-a Monte-Carlo KL estimate, and what a run's output folder must hold."""
+a Monte-Carlo KL estimate, what a run's output folder must hold, and the single PNGs of --sample
+and --recon-samples recomputed from the checkpoint alone."""
 import csv
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -75,3 +77,40 @@ def heldout_kl(model, images, batch=256):
             mu, logvar = model.encode(data.to_float(images[i:i + batch]))
             kl += (-0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())).item()
     return kl / len(images)
+
+
+def read_pngs(folder, n, size, mode):
+    """The n single PNGs folder/000000.png ... (nothing else there) as uint8 n x C x size x size."""
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(n)]
+    images = []
+    for i in range(n):
+        img = Image.open(os.path.join(folder, f"{i:06d}.png"))
+        assert img.size == (size, size) and img.mode == mode
+        images.append(torch.from_numpy(np.array(img)).view(size, size, -1).permute(2, 0, 1))
+    return torch.stack(images)
+
+
+def to_uint8(images):
+    """[-1, 1] -> 0..255, rounded: 0 -> 127.5 -> 128, -1 -> 0, 1 -> 255."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def check_recon_samples(script, out, n, size, mode):
+    """OUT/recon_samples must hold decode(mu(x)) of the first n held-out images of --data fake: the
+    mean code, not a sampled z, and not the inputs. Recomputed from the checkpoint alone."""
+    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["args"]
+    x = data.to_float(data.load("fake", split="test", img_size=cfg["img_size"], channels=cfg["channels"]).images[:n])
+    model = script.load_model(os.path.join(out, "ckpt.pt"))
+    with torch.no_grad():
+        expected = to_uint8(model.decode(model.encode(x)[0]))
+    assert torch.equal(read_pngs(os.path.join(out, "recon_samples"), n, size, mode), expected)
+    assert not torch.equal(expected, to_uint8(x))  # reconstructions, not copies of the inputs
+
+
+def prior_samples(script, out, n, temperature, seed=0):
+    """What --sample n --temperature t must write: decode(t * eps), eps ~ N(0, I) drawn n x latent by a
+    CPU generator seeded with --seed + 1 (the script's), decoded by the checkpoint's model."""
+    model = script.load_model(os.path.join(out, "ckpt.pt"))
+    eps = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        return to_uint8(model.decode(temperature * eps))
