@@ -1,23 +1,35 @@
-"""latent_edit.py: attribute vectors, interpolation and latent maps of a trained model.
+"""latent_edit.py: attribute vectors, interpolation, latent maps and prior sweeps of a trained model.
 
 One command per picture of the latent-space reports, from the ckpt.pt of any of the five scripts
-(the encoder's mean code mu stands for an image):
+(the encoder's mean code mu stands for an image; a GAN's image is inverted into z by gradient descent):
 
 * attribute: z_att = mean code of images with an attribute - mean code of those without; faces
   without it, reconstructed and decoded from z + k * z_att (White 2016, "Sampling Generative
   Networks", arXiv:1609.04468, section 2.4; Larsen et al. 2016, "Autoencoding beyond pixels using a
-  learned similarity metric", arXiv:1512.09300, section 5).
+  learned similarity metric", arXiv:1512.09300, section 5). Several attributes add their vectors.
+  For a GAN the codes are inversions z* = argmin ||G(z) - x||^2 + lambda ||z||^2 (Zhu et al. 2016,
+  "Generative Visual Manipulation on the Natural Image Manifold", arXiv:1609.03552, eq. 2; Creswell &
+  Bharath 2018, "Inverting the Generator of a Generative Adversarial Network", arXiv:1611.05644).
 * vector: z_att decoded alone and added to the mean code of the images without the attribute.
 * interpolate: linear or spherical (slerp, White 2016 section 2.2) paths between two codes.
-* scatter: the codes in 2-D (the latent itself, or a PCA projection), coloured by class or attribute.
+* scatter: the codes in 2-D (the latent itself, two chosen dimensions, or a PCA projection), coloured
+  by class or attribute.
 * manifold: decoded grid over a 2-D latent plane (Kingma & Welling 2014, "Auto-Encoding Variational
   Bayes", arXiv:1312.6114, figure 4), or over two dimensions / principal directions of a larger one.
+* sample: sample grids side by side for a sweep of the truncation trick (GANs; Brock et al. 2019,
+  "Large Scale GAN Training for High Fidelity Natural Image Synthesis", arXiv:1809.11096, section 3.1),
+  of the temperature t of z ~ N(0, t^2 I) (VAEs), and of the prior: N(0, I) or a Gaussian mixture fitted
+  to the training images' codes (Ghosh et al. 2020, "From Variational to Deterministic Autoencoders",
+  arXiv:1903.12436, section 4, ex-post density estimation); optionally single PNGs and FID/KID/P/R.
 
     python latent_edit.py attribute --ckpt runs/vae_conv-celeba/ckpt.pt --attr Smiling --intensities 0,1,2,2.5,3
+    python latent_edit.py attribute --ckpt runs/dcgan-celeba/ckpt.pt --attr Smiling,Eyeglasses --intensities 2,2
     python latent_edit.py vector --ckpt runs/vaegan-celeba/ckpt.pt --attr Eyeglasses
     python latent_edit.py interpolate --ckpt runs/vae_conv-celeba/ckpt.pt --from 0 --to 1 --slerp
-    python latent_edit.py scatter --ckpt runs/mlp_vae-mnist/ckpt.pt
+    python latent_edit.py scatter --ckpt runs/vae_conv-celeba/ckpt.pt --dims 0,1 --attr Male
     python latent_edit.py manifold --ckpt runs/mlp_vae-mnist/ckpt.pt --grid 20
+    python latent_edit.py sample --ckpt runs/dcgan-celeba/ckpt.pt --truncation 0.5,1,1.5,2,none
+    python latent_edit.py sample --ckpt runs/vae_conv-celeba/ckpt.pt --prior normal,gmm --temperature 0.8,1
 
 Images come from data.py with the checkpoint's own settings (dataset, size, channels, crop); edited
 originals, interpolation ends and scatter points from the held-out split when the dataset has one.
@@ -25,6 +37,7 @@ originals, interpolation ends and scatter points from the held-out split when th
 import argparse
 import difflib
 import importlib
+import json
 import math
 import os
 import pickle
@@ -43,7 +56,17 @@ import metrics
 
 SCRIPTS = ("dcgan", "mlp_gan", "vae_conv", "mlp_vae", "vaegan")  # the last three have an encoder
 BATCH = 256          # images per encode/decode call
-VECTOR_SEED = 0      # the subset of training images behind an attribute vector (not --seed: cached)
+VECTOR_SEED = 0      # the subset of training images behind an attribute vector or a GMM (not --seed: cached)
+GAN_MAX_IMAGES = 1000  # default --max-images of a GAN: each image costs an inversion (an encoder's: 10000)
+INVERSION_SEED = 0   # the starting codes of the inversions (not --seed: cached)
+INVERSION_LR = 0.1   # Adam's step size on z
+INVERSION_PRIOR = 0.01  # lambda of the prior term lambda ||z||^2 / D (the Gaussian prior's -log p(z), scaled)
+GMM_SEED = 0         # k-means++ seeding of the mixture (cached)
+GMM_REG = 1e-6       # added to each covariance's diagonal: no component collapses onto one code
+GMM_TOL = 1e-6       # EM stops when the mean log-likelihood changes by less than this fraction
+GMM_MAX_ITER = 1000
+LABEL_H = 16         # pixels above each grid of a sweep for its setting's name
+GAP = 8              # pixels between the grids of a sweep
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf"]  # matplotlib's tab10
 
@@ -115,6 +138,11 @@ def load(path, device):
     return model, ckpt
 
 
+def slug(name):
+    """A name as a file name part: runs of non-word characters become one underscore."""
+    return re.sub(r"\W+", "_", name).strip("_")
+
+
 def need_encoder(model, ckpt, what):
     if not hasattr(model, "encode"):
         raise EditError(f"{what} needs an encoder and a {ckpt['script']}.py checkpoint has only a generator; "
@@ -161,6 +189,71 @@ def decode(model, z, device):
     return torch.cat([g(z[i:i + BATCH].to(device)).float().cpu() for i in range(0, len(z), BATCH)]).clamp(-1, 1)
 
 
+def invert(G, images, steps, restarts, device, seed=INVERSION_SEED):
+    """A GAN's codes of real images, by gradient descent on z with G fixed (Zhu et al. 2016, eq. 2;
+    Creswell & Bharath 2018, batched): per image, with P pixels and D latent dimensions,
+
+        z* = argmin_z  ||G(z) - x||^2 / P  +  lambda ||z||^2 / D      (lambda = INVERSION_PRIOR)
+
+    the second term being the Gaussian prior's -log p(z) up to a constant, which keeps z where G was
+    trained. Adam for `steps` steps from `restarts` starts z0 ~ N(0, I) (drawn at once, restarts x N x D,
+    from a generator seeded with `seed`), keeping each image's start with the lowest final objective.
+    images: uint8 N x C x H x W. Returns (z N x D, per-pixel MSE ||G(z) - x||^2 / P N), on the CPU."""
+    n, d = len(images), G.latent_dim
+    starts = torch.randn(restarts, n, d, generator=torch.Generator().manual_seed(seed))  # R x N x D
+    G.requires_grad_(False)  # eval mode already (load_model): gradients flow to z only
+    best_z, best_mse = [], []
+    per_call = max(1, BATCH // restarts)  # images per batch: all restarts of one image in one forward pass
+    for i in range(0, n, per_call):
+        x = data.to_float(images[i:i + per_call].to(device))                       # B x C x H x W
+        b = len(x)
+        x = x.repeat(restarts, 1, 1, 1)                                            # R*B x C x H x W
+        z = starts[:, i:i + b].flatten(0, 1).to(device).requires_grad_()           # R*B x D, restart-major
+        opt = torch.optim.Adam([z], lr=INVERSION_LR)
+
+        def objective():
+            mse = (G(z).float() - x).pow(2).flatten(1).mean(1)                     # ||G(z) - x||^2 / P
+            return mse + INVERSION_PRIOR * z.pow(2).mean(1), mse                   # + lambda ||z||^2 / D
+        for _ in range(steps):
+            loss, _ = objective()
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()  # a sum: each image's gradient is its own objective's
+            opt.step()
+        with torch.no_grad():
+            loss, mse = objective()
+        pick = loss.view(restarts, b).argmin(0)                                    # B: the best start
+        best_z.append(z.detach().view(restarts, b, d)[pick, torch.arange(b)].cpu())
+        best_mse.append(mse.view(restarts, b)[pick, torch.arange(b)].cpu())
+        if n > per_call:
+            print(f"\rinverted {i + b}/{n} images", end="\n" if i + b == n else "", file=sys.stderr, flush=True)
+    return torch.cat(best_z), torch.cat(best_mse)
+
+
+def inversions(model, ckpt, args, images, index, device):
+    """invert() of the training images `index`, cached in <ckpt dir>/inv_<max-images>_<steps>x<restarts>.pt
+    (recomputed when the checkpoint's step or the images change): {"z", "mse", "index", "ckpt_step"}."""
+    name = f"inv_{args.max_images}_{args.inversion_steps}x{args.restarts}.pt"
+    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
+    try:
+        cached = torch.load(path, weights_only=True)
+        if cached["ckpt_step"] == ckpt.get("step") and torch.equal(cached["index"], index) \
+                and cached["z"].shape == (len(index), model.latent_dim):
+            print(f"inversions of {len(index)} training images: {path} (cached)")
+            return cached
+    except Exception:  # none yet, or unreadable: compute them (again)
+        pass
+    print(f"inverting {len(index)} training images ({args.inversion_steps} Adam steps, {args.restarts} starts each)")
+    z, mse = invert(model, images, args.inversion_steps, args.restarts, device)
+    inv = {"z": z, "mse": mse, "index": index, "ckpt_step": ckpt.get("step")}
+    try:
+        torch.save(inv, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print(f"inversions: {path}")
+    except (OSError, RuntimeError):
+        print(f"inversions not cached, as {path} cannot be written")
+    return inv
+
+
 def save_grid(images, path, nrow, padding=2):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     vutils.save_image(images, path, nrow=nrow, padding=padding, normalize=True, value_range=(-1, 1))
@@ -198,19 +291,24 @@ def attribute(ds, name):
     return canonical, mask()
 
 
-def attribute_vector(model, ckpt, args, device):
-    """{"vector", "mean_with", "mean_without", "n_with", "n_without", "attr", "ckpt_step"} over the mean
-    codes of up to --max-images training images, cached in <ckpt dir>/attr_<name>_<max-images>.pt
-    (recomputed when the checkpoint's step changes)."""
+def attribute_vector(model, ckpt, args, device, attr):
+    """{"vector", "mean_with", "mean_without", "n_with", "n_without", "attr", "ckpt_step", "inversion",
+    "inversion_mse"} over the codes of up to --max-images training images (an encoder's mean codes mu; a
+    GAN's inversions, with their mean per-pixel MSE), cached in <ckpt dir>/attr_<name>_<max-images>.pt
+    (recomputed when the checkpoint's step or the inversion settings change)."""
+    gan = not hasattr(model, "encode")
+    if args.max_images is None:  # each of a GAN's images costs an inversion
+        args.max_images = GAN_MAX_IMAGES if gan else 10000
+    inversion = [args.inversion_steps, args.restarts] if gan else None
     ds = dataset(ckpt, "train", args.data_root)
-    name, mask = attribute(ds, args.attr)
-    slug = re.sub(r"\W+", "_", name).strip("_")
-    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"attr_{slug}_{args.max_images}.pt")
+    name, mask = attribute(ds, attr)
+    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"attr_{slug(name)}_{args.max_images}.pt")
     try:
         cached = torch.load(path, weights_only=True)
         if cached["ckpt_step"] == ckpt.get("step") and cached["attr"] == name \
-                and cached["vector"].shape == (model.latent_dim,):
-            print(f"attribute vector of {name}: {path} (cached)")
+                and cached["vector"].shape == (model.latent_dim,) and cached.get("inversion") == inversion:
+            mse = f", inversions' mean per-pixel MSE {cached['inversion_mse']:.4f}" if inversion else ""
+            print(f"attribute vector of {name}: {path} (cached{mse})")
             return cached
     except Exception:  # none yet, or unreadable: compute it (again)
         pass
@@ -219,44 +317,69 @@ def attribute_vector(model, ckpt, args, device):
     if not mask.any() or mask.all():
         raise EditError(f"{'none' if not mask.any() else 'every one'} of the {len(idx)} training images used "
                         f"has {name}, so there is no difference of means to take")
-    mu = encode(model, ds.images[idx], device)
-    mean_with, mean_without = mu[mask].mean(0), mu[~mask].mean(0)
+    if gan:
+        inv = inversions(model, ckpt, args, ds.images[idx], idx, device)
+        z, mse = inv["z"], inv["mse"].mean().item()
+    else:
+        z, mse = encode(model, ds.images[idx], device), None
+    mean_with, mean_without = z[mask].mean(0), z[~mask].mean(0)
     vec = {"vector": mean_with - mean_without, "mean_with": mean_with, "mean_without": mean_without,
-           "n_with": int(mask.sum()), "n_without": int((~mask).sum()), "attr": name, "ckpt_step": ckpt.get("step")}
+           "n_with": int(mask.sum()), "n_without": int((~mask).sum()), "attr": name, "ckpt_step": ckpt.get("step"),
+           "inversion": inversion, "inversion_mse": mse}
     try:
         torch.save(vec, path + ".tmp")
         os.replace(path + ".tmp", path)
         where = path
     except (OSError, RuntimeError):  # a read-only folder, say: the vector is used, just not cached
         where = f"not cached, as {path} cannot be written"
+    inverted = f", inversions' mean per-pixel MSE {mse:.4f} in [-1, 1] units" if gan else ""
     print(f"attribute vector of {name} from {vec['n_with']} images with and {vec['n_without']} without "
-          f"(|z_att| = {vec['vector'].norm():.3f}): {where}")
+          f"(|z_att| = {vec['vector'].norm():.3f}{inverted}): {where}")
     return vec
 
 
+def codes_of(model, images, args, device):
+    """(codes, images they decode to) of held-out images: mu and decode(mu), or a GAN's inversion z and G(z)."""
+    if hasattr(model, "encode"):
+        z = encode(model, images, device)
+    else:
+        z, mse = invert(model, images, args.inversion_steps, args.restarts, device)
+        print(f"inverted the {len(images)} originals: mean per-pixel MSE {mse.mean():.4f} in [-1, 1] units")
+    return z, decode(model, z, device)
+
+
 def cmd_attribute(model, ckpt, args, device):
-    """Rows: originals without the attribute, their reconstructions, decode(mu + k z_att) per intensity k."""
-    need_encoder(model, ckpt, "attribute")
-    vec = attribute_vector(model, ckpt, args, device)
+    """Rows: originals without the attribute(s), their reconstructions (a GAN: inversions G(z)), then
+    decode(z + k z_att) per intensity k; with several attributes, each alone at its intensity, then their sum."""
+    names = args.attr.split(",")
+    vecs = [attribute_vector(model, ckpt, args, device, a) for a in names]
     ds = dataset(ckpt, "test", args.data_root)
-    _, mask = attribute(ds, vec["attr"])
-    pool = (~mask).nonzero().flatten()
+    has_any = torch.zeros(len(ds), dtype=torch.bool)
+    for vec in vecs:
+        has_any |= attribute(ds, vec["attr"])[1]
+    pool = (~has_any).nonzero().flatten()
     if len(pool) == 0:
-        raise EditError(f"every {ds.name} image there is to edit has {vec['attr']}, so there is no original without it")
+        raise EditError(f"every {ds.name} image there is to edit has {' or '.join(v['attr'] for v in vecs)}, "
+                        f"so there is no original without it")
     pick = pool[subset(len(pool), args.n, args.seed)]
-    mu = encode(model, ds.images[pick], device)
-    edits = [decode(model, mu + k * vec["vector"], device) for k in args.intensities]
-    save_grid(torch.cat([data.to_float(ds.images[pick]), decode(model, mu, device), *edits]), args.out, len(pick))
+    z, recon = codes_of(model, ds.images[pick], args, device)
+    if len(vecs) == 1:  # one row per intensity
+        shifts = [(f"intensity_{k:g}", k * vecs[0]["vector"]) for k in args.intensities]
+    else:  # one intensity per attribute (check_args: as many, or one for all); each alone, then the sum
+        ks = args.intensities * len(vecs) if len(args.intensities) == 1 else args.intensities
+        shifts = [(f"{slug(v['attr'])}_{k:g}", k * v["vector"]) for k, v in zip(ks, vecs)]
+        shifts.append(("sum", sum(shift for _, shift in shifts)))  # z + sum_a k_a z_att,a
+    edits = [decode(model, z + shift, device) for _, shift in shifts]
+    save_grid(torch.cat([data.to_float(ds.images[pick]), recon, *edits]), args.out, len(pick))
     if args.save_dir:
-        for k, imgs in zip(args.intensities, edits):
-            save_pngs(imgs, os.path.join(args.save_dir, f"intensity_{k:g}"))
-        print(f"wrote {len(pick)} edited images per intensity to {args.save_dir}/intensity_*/")
+        for (folder, _), imgs in zip(shifts, edits):
+            save_pngs(imgs, os.path.join(args.save_dir, folder))
+        print(f"wrote {len(pick)} edited images to each of {', '.join(f for f, _ in shifts)} in {args.save_dir}")
 
 
 def cmd_vector(model, ckpt, args, device):
     """Row 1: decode(k z_att); row 2: decode(mean code without the attribute + k z_att), per intensity k."""
-    need_encoder(model, ckpt, "vector")
-    vec = attribute_vector(model, ckpt, args, device)
+    vec = attribute_vector(model, ckpt, args, device, args.attr)
     ks = torch.tensor(args.intensities).view(-1, 1)
     z = torch.cat([ks * vec["vector"], vec["mean_without"] + ks * vec["vector"]])
     save_grid(decode(model, z, device), args.out, len(ks))
@@ -350,13 +473,19 @@ def draw_scatter(xy, groups, axes, title, path, size=512, seed=0):
 
 
 def cmd_scatter(model, ckpt, args, device):
-    """Mean codes of up to --n images in 2-D, coloured by --attr, else by class, else one colour."""
+    """Mean codes of up to --n images in 2-D (two --dims, the plane, or the first two principal directions),
+    coloured by --attr, else by class, else one colour."""
     need_encoder(model, ckpt, "scatter")
     need_2d(model, ckpt, "scatter")
+    if args.dims and not all(0 <= i < model.latent_dim for i in args.dims):  # check_args: they differ
+        raise EditError(f"--dims needs two different latent dimensions from 0 to {model.latent_dim - 1}")
     ds = dataset(ckpt, "test", args.data_root)
     idx = subset(len(ds), args.n, args.seed)
     mu = encode(model, ds.images[idx], device)
-    if mu.shape[1] == 2:
+    if args.dims:  # two coordinates of the latent itself
+        i, j = args.dims
+        xy, axes = mu[:, [i, j]], (f"z{i}", f"z{j}")
+    elif mu.shape[1] == 2:
         xy, axes = mu, ("z1", "z2")
     else:
         xy, _, var = pca(mu)
@@ -400,13 +529,228 @@ def cmd_manifold(model, ckpt, args, device):
     print(f"manifold over {what}, {args.grid} x {args.grid} points from {q[0]:.2f} to {q[-1]:.2f} standard deviations")
 
 
-HELP = {"attribute": "originals without an attribute, their reconstructions, and decode(mu + k z_att)",
+# -----------------------------------------------------------------------------
+# Sampling: the truncation trick, temperature, an ex-post Gaussian mixture prior.
+
+def truncated_normal(base, threshold, seed):
+    """The truncation trick (Brock et al. 2019, section 3.1): z ~ N(0, I) with every component whose
+    magnitude exceeds the threshold T redrawn until none does, i.e. a normal truncated to [-T, T].
+    base: the first draw, N x D. Each redraw is a whole N x D draw from a generator seeded with `seed`, taken
+    only where a component is still out of bounds: every threshold sees the same candidates in the same
+    order, so components within both of two thresholds agree and the columns of a sweep compare."""
+    g = torch.Generator().manual_seed(seed)
+    z = base.clone()
+    while (out := z.abs() > threshold).any():
+        z = torch.where(out, torch.randn(z.shape, generator=g), z)
+    return z
+
+
+def gmm_log_prob(x, gmm):
+    """N x K: log pi_k + log N(x_n | mu_k, Sigma_k), through the Cholesky factor Sigma_k = L_k L_k^T:
+    log N(x | mu, Sigma) = -1/2 ||L^-1 (x - mu)||^2 - sum_i log L_ii - D/2 log(2 pi)."""
+    x = x.double()                                                                  # N x D
+    chol = torch.linalg.cholesky(gmm["covs"])                                       # K x D x D
+    diff = (x[None] - gmm["means"][:, None]).transpose(1, 2)                        # K x D x N
+    maha = torch.linalg.solve_triangular(chol, diff, upper=False).pow(2).sum(1).T   # N x K
+    half_logdet = chol.diagonal(dim1=1, dim2=2).log().sum(1)                        # K: log |Sigma_k|^(1/2)
+    return gmm["weights"].log() - 0.5 * maha - half_logdet - 0.5 * x.shape[1] * math.log(2 * math.pi)
+
+
+def fit_gmm(x, k, seed=GMM_SEED, tol=GMM_TOL, max_iter=GMM_MAX_ITER, reg=GMM_REG):
+    """A K-component Gaussian mixture with full covariances fitted to the rows of x (N x D) by EM (Dempster
+    et al. 1977; Bishop 2006, "Pattern Recognition and Machine Learning" (PRML), section 9.2.2), in float64:
+    {"weights" K, "means" K x D, "covs" K x D x D, "loglik": the mean log p(x_n) at each E-step}. The means
+    start at k-means++ seeds (Arthur & Vassilvitskii 2007), the covariances at the data's, the weights at
+    1/K; EM stops when the mean log-likelihood changes by less than tol of itself."""
+    x = x.double()
+    n, d = x.shape
+    g = torch.Generator().manual_seed(seed)
+    eye = torch.eye(d, dtype=x.dtype)
+    # k-means++: the first seed uniformly, each next one with probability proportional to D(x)^2, the
+    # squared distance from x to its nearest seed so far.
+    means = x[torch.randint(n, (1,), generator=g)]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, means).pow(2).min(1).values
+        p = d2 if d2.sum() > 0 else torch.ones(n, dtype=x.dtype)  # fewer distinct points than seeds
+        means = torch.cat([means, x[torch.multinomial(p, 1, generator=g)]])
+    centred = x - x.mean(0)
+    gmm = {"weights": torch.full((k,), 1 / k, dtype=x.dtype), "means": means,
+           "covs": (centred.T @ centred / n + reg * eye).expand(k, d, d).clone()}
+    loglik = []
+    for _ in range(max_iter):
+        # E-step: the responsibilities r_nk = pi_k N(x_n | mu_k, Sigma_k) / sum_j pi_j N(x_n | mu_j, Sigma_j)
+        # (PRML eq. 9.23), in logs with log-sum-exp: log r_nk = log pi_k N_k(x_n) - log p(x_n).
+        log_p = gmm_log_prob(x, gmm)                                      # N x K
+        log_px = torch.logsumexp(log_p, 1)                                # N: log p(x_n) (PRML eq. 9.28)
+        loglik.append(log_px.mean().item())
+        if len(loglik) > 1 and abs(loglik[-1] - loglik[-2]) <= tol * abs(loglik[-2]):
+            break
+        r = (log_p - log_px[:, None]).exp()                               # N x K
+        # M-step (PRML eqs. 9.24-9.27) with N_k = sum_n r_nk (plus a trifle: an empty component stays finite)
+        nk = r.sum(0) + 10 * torch.finfo(x.dtype).eps                     # K
+        means = r.T @ x / nk[:, None]                                     # mu_k = sum_n r_nk x_n / N_k
+        diff = x[None] - means[:, None]                                   # K x N x D
+        covs = (r.T[:, :, None] * diff).transpose(1, 2) @ diff / nk[:, None, None]  # sum_n r_nk dd^T / N_k
+        gmm = {"weights": nk / n, "means": means, "covs": covs + reg * eye}         # pi_k = N_k / N
+    gmm["loglik"] = torch.tensor(loglik, dtype=torch.float64)
+    return gmm
+
+
+def gmm_sample(gmm, eps, comp, t=1.0):
+    """z = mu_c + t L_c eps per row, the component c ~ Cat(pi) given (comp, N) and eps ~ N(0, I) (N x D):
+    z ~ sum_k pi_k N(mu_k, t^2 Sigma_k); t = 1 samples the fitted mixture itself."""
+    chol = torch.linalg.cholesky(gmm["covs"])                                       # K x D x D
+    z = torch.empty(eps.shape, dtype=torch.float64)                                 # N x D
+    for k in range(len(chol)):
+        rows = comp == k
+        z[rows] = gmm["means"][k] + t * eps[rows].double() @ chol[k].T              # mu_k + t L_k eps
+    return z.float()
+
+
+def gmm_prior(model, ckpt, args, device):
+    """fit_gmm of --components components to the mean codes of up to --max-images training images (Ghosh et
+    al. 2020, section 4: ex-post density estimation), cached in <ckpt dir>/gmm_<K>_<max-images>.pt with the
+    checkpoint's step and modification time, so that a newer checkpoint is fitted again."""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"gmm_{args.components}_{args.max_images}.pt")
+    stamp = [ckpt.get("step"), os.path.getmtime(args.ckpt)]
+    try:
+        cached = torch.load(path, weights_only=True)
+        if cached["ckpt"] == stamp and cached["means"].shape == (args.components, model.latent_dim):
+            print(f"GMM prior: {path} (cached)", file=sys.stderr)
+            return cached
+    except Exception:  # none yet, or unreadable: fit it (again)
+        pass
+    ds = dataset(ckpt, "train", args.data_root)
+    idx = subset(len(ds), args.max_images, VECTOR_SEED)
+    if args.components > len(idx):
+        raise EditError(f"--components {args.components} is more than the {len(idx)} training images whose codes "
+                        f"the mixture would be fitted to; use at most {len(idx)}")
+    mu = encode(model, ds.images[idx], device)
+    try:
+        gmm = fit_gmm(mu, args.components)
+    except torch.linalg.LinAlgError:
+        raise EditError(f"a mixture of {args.components} Gaussians cannot be fitted to these {len(idx)} codes "
+                        f"(a covariance became singular); use fewer --components") from None
+    gmm.update(ckpt=stamp, n=len(idx))
+    try:
+        torch.save(gmm, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        where = path
+    except (OSError, RuntimeError):
+        where = f"not cached, as {path} cannot be written"
+    normal = (-0.5 * mu.double().pow(2).sum(1) - 0.5 * mu.shape[1] * math.log(2 * math.pi)).mean()
+    print(f"GMM prior: {args.components} components fitted to the mean codes of {len(idx)} training images in "
+          f"{len(gmm['loglik'])} EM iterations; mean log-likelihood of those codes {gmm['loglik'][-1]:.3f} "
+          f"(under N(0, I): {normal:.3f}): {where}", file=sys.stderr)
+    return gmm
+
+
+def reference(args, ckpt):
+    """(the --ref set's statistics and features, the namespace and lazily loaded network that metrics.py's
+    functions take), read as `metrics.py --ref REF` reads it (a dataset's are cached in DATA_ROOT/cache)."""
+    margs = argparse.Namespace(ref=args.ref, n=None, lapvar_only=False, batch_size=50, splits=metrics.IS_SPLITS,
+                               data_root=args.data_root or ckpt["args"].get("data_root", "data"))
+    net = metrics.LazyInception(args.weights, args.device)
+    try:
+        return metrics.evaluate_set(args.ref, metrics.open_set(args.ref, margs), margs, net), margs, net
+    except (metrics.MetricsError, data.DataError) as e:
+        raise EditError(str(e)) from None
+
+
+def measure(images, label, ref):
+    """{n, lapvar, and with ref = reference(): fid, kid, kid_std, precision, recall} of [-1, 1] images,
+    computed in memory with metrics.py's functions on the uint8 pixels data.write_pngs would write."""
+    u8 = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    ref_stats, margs, net = ref or (None, None, None)
+    try:
+        out = metrics.compute_features(u8, net() if ref else None, device=net.device if ref else "cpu",
+                                       lapvar=True, name=label, progress=False)
+        result = {"n": out["n"], "lapvar": float(out["lapvar"].mean())}
+        if ref:
+            mu, sigma = metrics.stats_from_features(out["pool3"])
+            stats = {"mu": mu, "sigma": sigma, "features": out["pool3"].astype("float32")}
+            result.update(metrics.compare_to_reference(label, stats, ref_stats, margs, net.device))
+    except metrics.MetricsError as e:
+        raise EditError(str(e)) from None
+    return result
+
+
+def save_columns(grids, labels, path, grey):
+    """Grids (3 x H x W in [0, 1], from make_grid) side by side, GAP pixels apart, each under its label;
+    grey: of 1-channel images, written as a grey PNG."""
+    h, w = grids[0].shape[1:]
+    canvas = Image.new("L" if grey else "RGB", (len(grids) * w + (len(grids) - 1) * GAP, LABEL_H + h), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    for i, (grid, label) in enumerate(zip(grids, labels)):
+        x = i * (w + GAP)
+        pixels = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)  # as save_image rounds
+        canvas.paste(to_pil_image(pixels[:1] if grey else pixels), (x, LABEL_H))
+        draw.text((x + w // 2, LABEL_H // 2), label, fill="black", font=font, anchor="mm")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def cmd_sample(model, ckpt, args, device):
+    """One --grid x --grid grid per setting of the sweep, side by side, all from the same base noise: a GAN's
+    truncation thresholds, or a VAE's priors x temperatures. --out-dir: --n single PNGs per setting in
+    DIR/<setting>/; --json: each setting's Laplacian variance and, with --ref, FID, KID, precision, recall."""
+    gan = not hasattr(model, "encode")
+    if gan and (args.temperature or args.prior != ["normal"]):
+        raise EditError(f"--temperature and --prior gmm are for the VAE checkpoints and {ckpt['script']}.py is a GAN; "
+                        f"use --truncation")
+    if not gan and args.truncation:
+        raise EditError(f"--truncation is for the GAN checkpoints (dcgan.py, mlp_gan.py) and {ckpt['script']}.py "
+                        f"has a VAE's prior; use --temperature")
+    ref = reference(args, ckpt) if args.ref else None  # a bad reference fails before the sampling
+    m = max(args.grid ** 2, args.n)
+    g = torch.Generator().manual_seed(args.seed)
+    base = torch.randn(m, model.latent_dim, generator=g)  # m x D, the same noise for every setting
+    settings = []  # (label, folder, z m x D)
+    if gan:
+        for T in args.truncation or [None]:
+            if T is None:
+                settings.append(("untruncated", "untruncated", base))
+            else:
+                settings.append((f"T = {T:g}", f"truncation_{T:g}", truncated_normal(base, T, args.seed + 1)))
+    else:
+        gmm = gmm_prior(model, ckpt, args, device) if "gmm" in args.prior else None
+        comp = torch.multinomial(gmm["weights"], m, replacement=True, generator=g) if gmm else None  # c ~ Cat(pi)
+        for prior in args.prior:
+            for t in args.temperature or [1.0]:
+                name, folder = ("N(0, I)", "normal") if prior == "normal" else \
+                    (f"GMM-{args.components}", f"gmm{args.components}")
+                label, folder = (f"{name}, t = {t:g}", f"{folder}_t{t:g}") if args.temperature else (name, folder)
+                # z ~ N(0, t^2 I) = t eps; or the mixture with its covariances scaled by t^2
+                settings.append((label, folder, t * base if prior == "normal" else gmm_sample(gmm, base, comp, t)))
+    grids, results = [], {}
+    for label, folder, z in settings:
+        images = decode(model, z, device)  # m x C x H x W in [-1, 1]
+        grids.append(vutils.make_grid(images[:args.grid ** 2], nrow=args.grid, normalize=True, value_range=(-1, 1)))
+        if args.out_dir:
+            try:
+                data.write_pngs(images[:args.n], os.path.join(args.out_dir, folder))
+            except data.DataError as e:
+                raise EditError(str(e)) from None
+        if args.json:
+            results[label] = measure(images[:args.n], label, ref)
+    save_columns(grids, [label for label, _, _ in settings], args.out, grey=images.shape[1] == 1)
+    if args.out_dir:
+        print(f"wrote {args.n} samples to each of {', '.join(f for _, f, _ in settings)} in {args.out_dir}",
+              file=sys.stderr)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+HELP = {"attribute": "originals without an attribute (or several), their reconstructions or a GAN's inversions, "
+                     "and decode(z + k z_att)",
         "vector": "decode(k z_att) and decode(mean code without the attribute + k z_att)",
         "interpolate": "decodes along paths between two held-out images' codes or two random codes",
-        "scatter": "the codes of held-out images in 2-D (the latent or its PCA), coloured by class or attribute",
-        "manifold": "decodes of a grid over the latent plane, two dimensions, or two principal directions"}
+        "scatter": "the codes of held-out images in 2-D (the latent, two dimensions or its PCA), coloured by class "
+                   "or attribute",
+        "manifold": "decodes of a grid over the latent plane, two dimensions, or two principal directions",
+        "sample": "sample grids side by side for a sweep of truncations (GANs) or of priors and temperatures (VAEs)"}
 COMMANDS = {"attribute": cmd_attribute, "vector": cmd_vector, "interpolate": cmd_interpolate,
-            "scatter": cmd_scatter, "manifold": cmd_manifold}
+            "scatter": cmd_scatter, "manifold": cmd_manifold, "sample": cmd_sample}
 
 
 # -----------------------------------------------------------------------------
@@ -426,6 +770,11 @@ def numbers(kind, count=None):
             raise argparse.ArgumentTypeError(f"{text!r} is not {count} comma-separated {what}")
         return values
     return parse
+
+
+def thresholds(text):
+    """argparse type of --truncation: comma-separated finite numbers, 'none' (no truncation) among them."""
+    return [None if v.strip().lower() == "none" else numbers(float)(v)[0] for v in text.split(",")]
 
 
 def resolve_device(name):
@@ -464,9 +813,38 @@ def unwritable(path, folder=False):
 
 def check_args(args):
     """Every flag at once, before the checkpoint or any data is read; resolves args.device."""
-    for flag, least in (("n", 1), ("steps", 2), ("grid", 1), ("max_images", 1), ("size", 100)):
-        if getattr(args, flag, least) < least:
+    for flag, least in (("n", 0 if args.command == "sample" else 1), ("steps", 2), ("grid", 1), ("max_images", 1),
+                        ("size", 100), ("inversion_steps", 0), ("restarts", 1), ("components", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < least:
             raise EditError(f"--{flag.replace('_', '-')} must be at least {least}")
+    names = getattr(args, "attr", None) and args.attr.split(",")
+    if names and args.command in ("scatter", "vector") and len(names) > 1:
+        raise EditError(f"{args.command} takes one attribute, not {len(names)}")
+    if names and len(names) > 1 and len(args.intensities) not in (1, len(names)):
+        raise EditError(f"--attr names {len(names)} attributes, so --intensities needs {len(names)} values (one "
+                        f"per attribute, added) or one for all")
+    if args.command == "sample":
+        if any(t is not None and t <= 0 for t in args.truncation or []):
+            raise EditError("--truncation thresholds must be positive (or none): |z_i| > T is redrawn")
+        if any(t <= 0 for t in args.temperature or []):
+            raise EditError("--temperature values must be positive: z ~ N(0, t^2 I)")
+        if not set(args.prior) <= {"normal", "gmm"}:
+            raise EditError(f"--prior takes normal, gmm or normal,gmm, not {','.join(args.prior)}")
+        if args.truncation and (args.temperature or args.prior != ["normal"]):
+            raise EditError("--truncation (GAN checkpoints) and --temperature or --prior gmm (VAE checkpoints) "
+                            "do not go together")
+        if args.out_dir and args.n < 1:
+            raise EditError("--out-dir needs --n, the number of samples to write per setting")
+        if args.json and args.n < 2:
+            raise EditError("--json needs --n of at least 2 samples per setting to measure")
+        if args.ref and not args.json:
+            raise EditError("--ref is the reference of --json's FID, KID, precision and recall; add --json")
+        if args.weights and not args.ref:
+            raise EditError("--weights is the FID network of --ref; add --ref")
+        if args.weights and not os.path.isfile(args.weights):
+            raise EditError(f"the weights file {args.weights} does not exist; pass the path of "
+                            f"{metrics.FID_WEIGHTS_FILE} with --weights")
     if args.command == "interpolate":
         if (args.from_ is None) != (args.to is None):
             raise EditError("interpolating between dataset images needs both --from and --to")
@@ -475,7 +853,7 @@ def check_args(args):
     if getattr(args, "dims", None) and args.dims[0] == args.dims[1]:
         raise EditError("--dims needs two different latent dimensions")
     args.device = resolve_device(args.device)
-    for flag, folder in (("out", False), ("save_dir", True)):
+    for flag, folder in (("out", False), ("save_dir", True), ("out_dir", True)):
         path = getattr(args, flag, None)
         why = path and unwritable(path, folder)
         if why:
@@ -499,17 +877,27 @@ def get_args(argv=None):
     for name, default in (("attribute", [2.5]), ("vector", [0, 1, 2, 2.5, 3])):
         s = command(name)
         s.add_argument("--attr", required=True,
-                       help="CelebA attribute, class name or number, or a column of the folder's attributes.csv")
-        s.add_argument("--max-images", type=int, default=10000, help="training images averaged for z_att")
+                       help="CelebA attribute, class name or number, or a column of the folder's attributes.csv"
+                            + ("; several, comma-separated, add their vectors" if name == "attribute" else ""))
+        s.add_argument("--max-images", type=int, default=None,
+                       help=f"training images averaged for z_att (default 10000; a GAN's {GAN_MAX_IMAGES}: "
+                            f"each is inverted)")
         k = s.add_mutually_exclusive_group()
         k.add_argument("--intensity", type=numbers(float, 1), dest="intensities", metavar="K",
                        help="one multiple k of z_att")
         k.add_argument("--intensities", type=numbers(float), metavar="K,K,...",
-                       help="multiples k of z_att (a negative first one needs '=': --intensities=-1,0,1)")
+                       help="multiples k of z_att, one row each; with several --attr, one per attribute "
+                            "(a negative first one needs '=': --intensities=-1,0,1)")
         s.set_defaults(intensities=default)
+        s.add_argument("--inversion-steps", type=int, default=200,
+                       help="GAN checkpoints: Adam steps of each image's inversion into z")
+        s.add_argument("--restarts", type=int, default=2,
+                       help="GAN checkpoints: starting codes per inverted image, the best one kept")
         if name == "attribute":
-            s.add_argument("--n", type=int, default=8, help="originals without the attribute (columns)")
-            s.add_argument("--save-dir", default=None, help="also write each edit to DIR/intensity_<k>/NNNNNN.png")
+            s.add_argument("--n", type=int, default=8, help="originals without the attribute(s) (columns)")
+            s.add_argument("--save-dir", default=None,
+                           help="also write each edit row to DIR/intensity_<k>/ (several --attr: DIR/<attr>_<k>/, "
+                                "DIR/sum/) as NNNNNN.png")
     s = command("interpolate")
     s.add_argument("--from", dest="from_", type=numbers(int), default=None, metavar="I[,I,...]",
                    help="index (or comma-separated indices) of the start image(s); held-out split where there is one")
@@ -521,6 +909,8 @@ def get_args(argv=None):
     s = command("scatter")
     s.add_argument("--n", type=int, default=2000, help="images encoded (held-out split where there is one)")
     s.add_argument("--attr", default=None, help="colour by this attribute or class instead of by class")
+    s.add_argument("--dims", type=numbers(int, 2), default=None, metavar="I,J",
+                   help="plot latent dimensions I and J (default: the plane, or the first two principal directions)")
     s.add_argument("--size", type=int, default=512,
                    help="plot height in pixels, at least 100 (the legend adds 180 to the width)")
     s = command("manifold")
@@ -528,9 +918,29 @@ def get_args(argv=None):
     s.add_argument("--dims", type=numbers(int, 2), default=None, metavar="I,J",
                    help="two latent dimensions I,J to vary (default: the plane, or the first two principal directions)")
     s.add_argument("--max-images", type=int, default=10000, help="training images for the principal directions")
+    s = command("sample")
+    s.add_argument("--truncation", type=thresholds, default=None, metavar="T,T,...",
+                   help="GAN checkpoints: a grid per threshold T > 0, z ~ N(0, I) with |z_i| > T redrawn "
+                        "(none: untruncated)")
+    s.add_argument("--temperature", type=numbers(float), default=None, metavar="t,t,...",
+                   help="VAE checkpoints: a grid per temperature t > 0, z ~ N(0, t^2 I) (a GMM: covariances times t^2)")
+    s.add_argument("--prior", type=lambda text: text.lower().split(","), default=["normal"], metavar="normal,gmm",
+                   help="VAE checkpoints: N(0, I), a Gaussian mixture fitted to the training images' mean codes, "
+                        "or both")
+    s.add_argument("--components", type=int, default=10, help="Gaussians of --prior gmm (full covariances)")
+    s.add_argument("--max-images", type=int, default=10000,
+                   help="training images whose mean codes --prior gmm is fitted to")
+    s.add_argument("--grid", type=int, default=8, help="samples per side of each setting's grid")
+    s.add_argument("--n", type=int, default=0, help="samples per setting for --out-dir and --json")
+    s.add_argument("--out-dir", default=None, help="write each setting's --n samples to DIR/<setting>/NNNNNN.png")
+    s.add_argument("--json", action="store_true",
+                   help="print each setting's Laplacian variance, and with --ref its FID, KID, precision and recall")
+    s.add_argument("--ref", default=None,
+                   help="reference set of --json, as metrics.py --ref: folder, dataset name, .npy features, .npz")
+    s.add_argument("--weights", default=None, help=f"{metrics.FID_WEIGHTS_FILE} for --ref (default: torch.hub's cache)")
     args = p.parse_args(argv)
     if args.out is None:
-        attr = re.sub(r"\W+", "_", getattr(args, "attr", None) or "").strip("_").lower()
+        attr = slug(getattr(args, "attr", None) or "").lower()
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                 f"edit_{args.command}{'_' + attr if attr else ''}.png")
     try:
@@ -548,7 +958,7 @@ def main(argv=None):
         COMMANDS[args.command](model, ckpt, args, args.device)
     except EditError as e:
         sys.exit(f"error: {e}")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}", file=sys.stderr if getattr(args, "json", False) else sys.stdout)  # stdout: the JSON
     return args.out
 
 

@@ -1,5 +1,6 @@
 """latent_edit.py through its real entry point (main(argv) in-process, and one real subprocess), on tiny
 checkpoints of the five scripts trained for two steps on --data fake (16x16 grey, 10 classes, 3 attributes)."""
+import json
 import math
 import os
 import pickle
@@ -32,13 +33,18 @@ ENCODERS = ["mlp_vae", "vae_conv", "vaegan"]
 
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
-    """{script: path of a ckpt.pt trained for 2 steps}, built once per test session."""
+    """{script: path of a ckpt.pt trained for 2 steps}, built once per test session; "dcgan_z": a dcgan.py
+    G trained for 30 steps at lr 0.02, whose images depend on z (after 2 steps from DCGAN's N(0, 0.02)
+    init they hardly do: a pixel's spread over z is ~3e-4, so an inversion has nothing to find)."""
     import importlib
     base, paths = tmp_path_factory.mktemp("latent_edit"), {}
     for script, flags in TRAIN.items():
         out = str(base / script)
         importlib.import_module(script).main(TINY + flags + ["--out", out])
         paths[script] = os.path.join(out, "ckpt.pt")
+    out = str(base / "dcgan_z")
+    importlib.import_module("dcgan").main(TINY + TRAIN["dcgan"] + ["--max-steps", "30", "--lr", "0.02", "--out", out])
+    paths["dcgan_z"] = os.path.join(out, "ckpt.pt")
     return paths
 
 
@@ -274,8 +280,7 @@ def folder_ckpt(ckpt, tmp_path):
 def test_errors_are_one_sentence(ckpt, folder_ckpt, tmp_path, capsys):
     def fails(pattern, *argv):
         refused(capsys, pattern, *argv)
-    for cmd in (["attribute", "--attr", "Large"], ["vector", "--attr", "Large"], ["scatter"],
-                ["interpolate", "--from", "0", "--to", "1"]):
+    for cmd in (["scatter"], ["interpolate", "--from", "0", "--to", "1"]):  # attribute and vector invert a GAN
         fails(r"needs an encoder and a dcgan.py checkpoint has only a generator", *cmd, "--ckpt", ckpt("dcgan"))
     fails(r"fake has no attribute or class 'Smilng'.*; use one of Bright, Large, Striped, disk, square",
           "attribute", "--ckpt", ckpt("vae_conv"), "--attr", "Smilng")
@@ -337,6 +342,27 @@ FLAG_ERRORS = [
     (["manifold", "--out", "{tmp}/grid.txt"], r"cannot be written: its extension is not an image format"),
     (["manifold", "--out", "{tmp}/note.txt/grid.png"], r"cannot be written: \S+note.txt is a file, not a folder"),
     (["attribute", "--attr", "Large", "--save-dir", "{tmp}/note.txt"], r"--save-dir \S+ cannot be written: it is a"),
+    (["attribute", "--attr", "Large,Striped", "--intensities", "1,2,3"],
+     r"--attr names 2 attributes, so --intensities needs 2 values \(one per attribute, added\) or one for all"),
+    (["vector", "--attr", "Large,Striped"], r"vector takes one attribute, not 2"),
+    (["attribute", "--attr", "Large", "--inversion-steps", "-1"], r"--inversion-steps must be at least 0"),
+    (["attribute", "--attr", "Large", "--restarts", "0"], r"--restarts must be at least 1"),
+    (["scatter", "--dims", "2,2"], r"--dims needs two different latent dimensions"),
+    (["sample", "--truncation", "0"], r"--truncation thresholds must be positive \(or none\)"),
+    (["sample", "--truncation", "none,-0.5"], r"--truncation thresholds must be positive \(or none\)"),
+    (["sample", "--truncation", "1,x"], r"'x' is not a comma-separated list of numbers"),
+    (["sample", "--temperature", "0.5,0"], r"--temperature values must be positive: z ~ N\(0, t\^2 I\)"),
+    (["sample", "--components", "0", "--prior", "gmm"], r"--components must be at least 1"),
+    (["sample", "--prior", "gauss"], r"--prior takes normal, gmm or normal,gmm, not gauss"),
+    (["sample", "--truncation", "1", "--temperature", "1"], r"--truncation \(GAN checkpoints\) and --temperature"),
+    (["sample", "--grid", "0"], r"--grid must be at least 1"),
+    (["sample", "--n", "-1"], r"--n must be at least 0"),
+    (["sample", "--out-dir", "{tmp}/samples"], r"--out-dir needs --n"),
+    (["sample", "--n", "3", "--out-dir", "{tmp}/note.txt"], r"--out-dir \S+ cannot be written: it is a file"),
+    (["sample", "--json", "--n", "1"], r"--json needs --n of at least 2"),
+    (["sample", "--n", "4", "--ref", "mnist"], r"--ref is the reference of --json's FID, KID, precision and recall"),
+    (["sample", "--n", "4", "--json", "--ref", "mnist", "--weights", "{tmp}/absent.pth"],
+     r"the weights file \S+absent.pth does not exist"),
 ]
 
 
@@ -479,3 +505,348 @@ def test_an_attribute_vector_that_cannot_be_cached_is_still_used(ckpt, tmp_path,
     out = edit("vector", "--ckpt", path, "--attr", "Large", "--max-images", "300", "--out", tmp_path / "v.png")
     assert Image.open(out).size == grid_size(5, 2)
     assert "not cached, as" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- GAN attribute vectors by inversion
+
+def test_gan_attribute_vector_by_inversion_is_cached_and_shared_between_attributes(ckpt, tmp_path, capsys):
+    path = ckpt("dcgan_z")
+    flags = ["--max-images", "64", "--inversion-steps", "30", "--restarts", "2", "--n", "4"]
+    out = edit("attribute", "--ckpt", path, "--attr", "Large", "--intensities", "0,1", *flags, "--out", tmp_path / "a.png")
+    said = capsys.readouterr().out
+    assert Image.open(out).size == grid_size(4, 4)  # originals, their inversions G(z), k = 0, k = 1
+    t = tiles(out, 4, 4)
+    assert np.array_equal(t[1], t[2]) and not np.array_equal(t[1], t[3])  # G(z + 0 z_att) is the inversion
+    folder = os.path.dirname(path)
+    inv = torch.load(os.path.join(folder, "inv_64_30x2.pt"), weights_only=True)
+    vec = torch.load(os.path.join(folder, "attr_Large_64.pt"), weights_only=True)
+    # Independently: the images, their per-pixel MSE at the 2 seeded starts and at the inversions kept.
+    train = data.fake("train", S, 1)
+    x = data.to_float(train.images[inv["index"]])
+    G = latent_edit.load(path, "cpu")[0]
+    starts = torch.randn(2, 64, 6, generator=torch.Generator().manual_seed(latent_edit.INVERSION_SEED))
+    with torch.no_grad():
+        mse = lambda z: (G(z) - x).pow(2).flatten(1).mean(1)  # noqa: E731
+        at_start, at_end = torch.stack([mse(z) for z in starts]).min(0).values, mse(inv["z"])
+    torch.testing.assert_close(inv["mse"], at_end, atol=1e-5, rtol=1e-4)
+    assert (at_end < at_start).all(), "the inversion did not lower ||G(z) - x|| for every image"
+    assert at_end.mean() < 0.8 * at_start.mean()
+    mask = train.attrs[inv["index"], 1].bool()
+    torch.testing.assert_close(vec["vector"], inv["z"][mask].mean(0) - inv["z"][~mask].mean(0))
+    assert vec["inversion"] == [30, 2] and vec["inversion_mse"] == pytest.approx(at_end.mean().item(), rel=1e-4)
+    assert f"inversions' mean per-pixel MSE {at_end.mean().item():.4f}" in said
+    # A second attribute reuses the cached inversions (poisoned here, so that reuse shows in the vector).
+    poisoned = dict(inv, z=inv["z"] + 10 * torch.arange(64.0).view(64, 1))
+    torch.save(poisoned, os.path.join(folder, "inv_64_30x2.pt"))
+    edit("vector", "--ckpt", path, "--attr", "Bright", *flags[:6], "--out", tmp_path / "v.png")
+    assert "inversions of 64 training images" in capsys.readouterr().out
+    bright = torch.load(os.path.join(folder, "attr_Bright_64.pt"), weights_only=True)
+    m = train.attrs[inv["index"], 0].bool()
+    torch.testing.assert_close(bright["vector"], poisoned["z"][m].mean(0) - poisoned["z"][~m].mean(0))
+    # Other inversion settings are other inversions: the attribute vector is computed again.
+    edit("attribute", "--ckpt", path, "--attr", "Large", "--max-images", "64", "--inversion-steps", "5",
+         "--restarts", "1", "--n", "2", "--out", tmp_path / "b.png")
+    assert os.path.exists(os.path.join(folder, "inv_64_5x1.pt"))
+    assert torch.load(os.path.join(folder, "attr_Large_64.pt"), weights_only=True)["inversion"] == [5, 1]
+
+
+@pytest.mark.parametrize("script", ["vae_conv", "dcgan_z"])
+def test_several_attributes_add_their_vectors(ckpt, tmp_path, script):
+    single, both = ckpt(script), str(tmp_path / "both" / "ckpt.pt")
+    os.makedirs(os.path.dirname(both))
+    shutil.copy(single, both)
+    gan = ["--max-images", "64", "--inversion-steps", "10", "--restarts", "1"] if script == "dcgan_z" else []
+    for attr in ("Large", "Striped"):  # the single-attribute vectors, in another folder
+        edit("vector", "--ckpt", single, "--attr", attr, *gan, "--out", tmp_path / "v.png")
+    out = edit("attribute", "--ckpt", both, "--attr", "Large,Striped", "--intensities", "1,2", "--n", "4", *gan,
+               "--save-dir", tmp_path / "edits", "--out", tmp_path / "a.png")
+    assert Image.open(out).size == grid_size(4, 5)  # originals, reconstructions, Large, Striped, both added
+    n = "64" if gan else "10000"
+    vec = {a: torch.load(os.path.join(os.path.dirname(p), f"attr_{a}_{n}.pt"), weights_only=True)["vector"]
+           for a in ("Large", "Striped") for p in (single,)}
+    for a in ("Large", "Striped"):
+        mine = torch.load(os.path.join(os.path.dirname(both), f"attr_{a}_{n}.pt"), weights_only=True)["vector"]
+        torch.testing.assert_close(mine, vec[a])
+    assert sorted(os.listdir(tmp_path / "edits")) == ["Large_1", "Striped_2", "sum"]
+    t = tiles(out, 4, 5)
+    test = data.fake("test", S, 1)
+    neither = test.images[(test.attrs[:, 1] == 0) & (test.attrs[:, 2] == 0)][:, 0].numpy()
+    for original in t[0]:  # originals have neither attribute
+        assert (neither == original).all(axis=(1, 2)).any()
+    # The sum row decodes z + 1 z_Large + 2 z_Striped with the single-attribute vectors; z: the originals'
+    # mean codes, or their inversions (the seeded starts: the same again).
+    model = latent_edit.load(both, "cpu")[0]
+    originals = torch.from_numpy(t[0]).unsqueeze(1)
+    if script == "vae_conv":
+        with torch.no_grad():
+            z = model.encode(data.to_float(originals))[0]
+    else:
+        z, _ = latent_edit.invert(model, originals, 10, 1, "cpu")
+    with torch.no_grad():
+        g = model.decode if script == "vae_conv" else model
+        want, alone = to_u8(g(z + vec["Large"] + 2 * vec["Striped"])), to_u8(g(z + 2 * vec["Striped"]))
+    assert np.abs(t[4].astype(int) - want).max() <= 1 and np.abs(t[3].astype(int) - alone).max() <= 1
+    assert not np.array_equal(t[4], t[1])
+    png = np.asarray(Image.open(tmp_path / "edits" / "sum" / "000002.png"))
+    assert np.array_equal(png, t[4][2])
+
+
+# ----------------------------------------------------------------------------- scatter --dims
+
+def test_scatter_dims_plots_exactly_those_latent_coordinates(ckpt, tmp_path, monkeypatch):
+    path, seen = ckpt("vae_conv"), {}
+    draw = latent_edit.draw_scatter
+    monkeypatch.setattr(latent_edit, "draw_scatter", lambda xy, groups, axes, *a: (
+        seen.update(xy=xy, axes=axes), draw(xy, groups, axes, *a)))
+    out = edit("scatter", "--ckpt", path, "--dims", "5,2", "--n", "512", "--out", tmp_path / "s.png")
+    assert Image.open(out).size == (512 + 180, 512)
+    _, mu = codes(path, data.fake("test", S, 1).images)  # all 512 held-out images, in order
+    torch.testing.assert_close(seen["xy"], mu[:, [5, 2]], atol=1e-5, rtol=1e-4)
+    assert seen["axes"] == ("z5", "z2")
+    edit("scatter", "--ckpt", path, "--n", "50", "--out", tmp_path / "p.png")  # PCA stays the default
+    assert seen["axes"][0].startswith("PC1")
+
+
+# ----------------------------------------------------------------------------- sample: sweeps and the GMM prior
+
+def sweep_size(columns, grid):
+    """(width, height) of a sweep of `columns` grids of grid x grid S-pixel samples under their labels."""
+    side = grid * (S + 2) + 2
+    return columns * side + (columns - 1) * latent_edit.GAP, latent_edit.LABEL_H + side
+
+
+def sweep_tiles(path, columns, grid):
+    """columns x grid*grid x S x S uint8 samples of a sweep PNG, row-major within each grid."""
+    a = np.asarray(Image.open(path).convert("L"))
+    side = grid * (S + 2) + 2
+    out = []
+    for c in range(columns):
+        x0, y0 = c * (side + latent_edit.GAP), latent_edit.LABEL_H
+        out.append([a[y0 + 2 + r * (S + 2):y0 + 2 + r * (S + 2) + S, x0 + 2 + q * (S + 2):x0 + 2 + q * (S + 2) + S]
+                    for r in range(grid) for q in range(grid)])
+    return np.array(out)
+
+
+def test_truncated_normal_matches_the_closed_form():
+    base = torch.randn(400, 500, generator=torch.Generator().manual_seed(3))
+    z = latent_edit.truncated_normal(base, 1.0, seed=4)
+    assert z.abs().max() <= 1.0
+    inside = base.abs() <= 1.0
+    assert torch.equal(z[inside], base[inside])  # only the components beyond T are redrawn
+    # Var of N(0, 1) truncated to [-1, 1]: 1 - 2 phi(1) / (2 Phi(1) - 1) = 0.29112
+    phi, Phi = math.exp(-0.5) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    assert z.var().item() == pytest.approx(1 - 2 * phi / (2 * Phi - 1), abs=0.005)
+    assert z.mean().abs() < 0.005
+
+
+@pytest.mark.parametrize("script", ["dcgan", "mlp_gan"])
+def test_truncation_sweep_puts_one_grid_per_threshold_side_by_side(ckpt, tmp_path, script):
+    path = ckpt(script)
+    out = edit("sample", "--ckpt", path, "--truncation", "0.3,1.5,none", "--grid", "3", "--n", "12",
+               "--out-dir", tmp_path / "s")
+    assert out.endswith("edit_sample.png") and Image.open(out).size == sweep_size(3, 3)
+    assert sorted(os.listdir(tmp_path / "s")) == ["truncation_0.3", "truncation_1.5", "untruncated"]
+    t = sweep_tiles(out, 3, 3)
+    G = latent_edit.load(path, "cpu")[0]
+    base = torch.randn(12, 6, generator=torch.Generator().manual_seed(0))  # --seed 0, --n 12 > 3 x 3
+    with torch.no_grad():
+        assert np.abs(t[2].astype(int) - to_u8(G(base[:9]))).max() <= 1  # untruncated: z ~ N(0, I) itself
+    # Truncated: the images decode codes within [-T, T] that keep every component of z already within.
+    for col, T in ((0, 0.3), (1, 1.5)):
+        files = sorted(os.listdir(tmp_path / "s" / f"truncation_{T:g}"))
+        assert len(files) == 12
+        z = torch.randn(12, 6, generator=torch.Generator().manual_seed(0))
+        redraw = torch.Generator().manual_seed(1)  # --seed + 1: a whole draw per round, kept where out of bounds
+        while (z.abs() > T).any():
+            z = torch.where(z.abs() > T, torch.randn(12, 6, generator=redraw), z)
+        assert z.abs().max() <= T and torch.equal(z[base.abs() <= T], base[base.abs() <= T])
+        with torch.no_grad():
+            want = to_u8(G(z))
+        assert np.abs(t[col].astype(int) - want[:9]).max() <= 1
+        png = np.asarray(Image.open(tmp_path / "s" / f"truncation_{T:g}" / files[11]))
+        assert np.abs(png.astype(int) - want[11]).max() <= 1
+
+
+def test_temperature_sweep_scales_the_same_base_noise(ckpt, tmp_path):
+    path = ckpt("vae_conv")
+    out = edit("sample", "--ckpt", path, "--temperature", "0.5,1", "--grid", "2", "--out", tmp_path / "t.png")
+    assert Image.open(out).size == sweep_size(2, 2)
+    model = latent_edit.load(path, "cpu")[0]
+    base = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    t = sweep_tiles(out, 2, 2)
+    with torch.no_grad():
+        for col, temp in enumerate((0.5, 1.0)):  # z ~ N(0, t^2 I) = t eps
+            assert np.abs(t[col].astype(int) - to_u8(model.decode(temp * base))).max() <= 1
+
+
+def mixture(n, seed):
+    """(x n x 2, labels) from 3 Gaussians with weights 0.5, 0.3, 0.2, means 12+ standard deviations apart."""
+    means = torch.tensor([[-8.0, 0.0], [8.0, 0.0], [0.0, 12.0]], dtype=torch.float64)
+    covs = torch.tensor([[[1.0, 0.6], [0.6, 1.0]], [[2.0, -0.5], [-0.5, 0.5]], [[0.3, 0.0], [0.0, 1.5]]],
+                        dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.multinomial(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), n, True, generator=g)
+    eps = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    x = means[labels] + (torch.linalg.cholesky(covs)[labels] @ eps[:, :, None]).squeeze(2)
+    return x, labels, means, covs
+
+
+def test_gmm_em_recovers_a_known_mixture():
+    x, labels, means, covs = mixture(3000, seed=0)
+    gmm = latent_edit.fit_gmm(x, 3)
+    order = torch.cdist(means, gmm["means"]).argmin(1)  # the fitted component nearest each true mean
+    assert sorted(order.tolist()) == [0, 1, 2]
+    w, mu, cov = gmm["weights"][order], gmm["means"][order], gmm["covs"][order]
+    torch.testing.assert_close(w, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.03, rtol=0)
+    torch.testing.assert_close(mu, means, atol=0.15, rtol=0)
+    torch.testing.assert_close(cov, covs, atol=0.2, rtol=0)
+    # So far apart, each responsibility is 0 or 1 to float precision: EM ends at each group's sample
+    # weight, mean and (1/N_k) covariance, a closed form.
+    for k in range(3):
+        xk = x[labels == k]
+        assert w[k].item() == pytest.approx(len(xk) / len(x), abs=1e-9)
+        torch.testing.assert_close(mu[k], xk.mean(0), atol=1e-8, rtol=0)
+        torch.testing.assert_close(cov[k], (xk - xk.mean(0)).T @ (xk - xk.mean(0)) / len(xk) + 1e-6 * torch.eye(2),
+                                   atol=1e-8, rtol=0)
+    # The log-likelihood it reports is that of scipy's densities, and EM never lowered it.
+    from scipy.stats import multivariate_normal
+    dens = sum(gmm["weights"][k].item() * multivariate_normal(gmm["means"][k].numpy(), gmm["covs"][k].numpy()).pdf(
+        x.numpy()) for k in range(3))
+    assert gmm["loglik"][-1].item() == pytest.approx(np.log(dens).mean(), abs=1e-6)
+    ll = gmm["loglik"]
+    assert (ll[1:] - ll[:-1] >= -1e-9 * ll.abs()[:-1]).all()
+
+
+def test_gmm_em_log_likelihood_never_decreases_on_overlapping_components():
+    x, _, _, _ = mixture(2000, seed=1)
+    x = x / torch.tensor([6.0, 4.0])  # squeezed together: many EM iterations
+    gmm = latent_edit.fit_gmm(x, 5)
+    ll = gmm["loglik"]
+    assert len(ll) > 10 and (ll[1:] - ll[:-1] >= -1e-9 * ll.abs()[:-1]).all()
+    assert ll[-1] - ll[-2] <= latent_edit.GMM_TOL * ll[-2].abs() or len(ll) == latent_edit.GMM_MAX_ITER
+    assert gmm["weights"].sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_gmm_prior_is_fitted_to_the_training_codes_cached_and_refitted_for_a_newer_checkpoint(ckpt, tmp_path, capsys):
+    path = ckpt("mlp_vae")
+    out = edit("sample", "--ckpt", path, "--prior", "normal,gmm", "--components", "3", "--grid", "4",
+               "--out", tmp_path / "g.png")
+    assert Image.open(out).size == sweep_size(2, 4)
+    assert "3 components fitted to the mean codes of 2048 training images" in capsys.readouterr().err
+    cache = os.path.join(os.path.dirname(path), "gmm_3_10000.pt")
+    gmm = torch.load(cache, weights_only=True)
+    assert gmm["n"] == 2048 and gmm["ckpt"] == [2, os.path.getmtime(path)]
+    # After an M-step sum_k pi_k mu_k is the mean of the data exactly: here the mean of every training code.
+    model, mu = codes(path, data.fake("train", S, 1).images)
+    torch.testing.assert_close((gmm["weights"][:, None] * gmm["means"]).sum(0).float(), mu.mean(0), atol=1e-5, rtol=0)
+    # The GMM column decodes z = mu_c + L_c eps, the N(0, I) column eps itself: the same eps.
+    eps = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    t = sweep_tiles(out, 2, 4)
+    with torch.no_grad():
+        assert np.abs(t[0].astype(int) - to_u8(model.decode(eps))).max() <= 1
+    chol = np.linalg.cholesky(gmm["covs"].numpy())
+    with torch.no_grad():  # per component k: decode(mu_k + L_k eps), L_k from numpy's Cholesky
+        candidates = [to_u8(model.decode(torch.from_numpy(gmm["means"][k].numpy() + eps.double().numpy() @ chol[k].T)
+                                         .float())) for k in range(3)]
+    for i in range(16):  # each sample is one of them
+        assert min(np.abs(c[i].astype(int) - t[1][i]).max() for c in candidates) <= 1
+    # Reused while the checkpoint is the same (poisoned, so that reuse shows); fitted again once it is newer.
+    torch.save(dict(gmm, means=gmm["means"] + 100), cache)
+    edit("sample", "--ckpt", path, "--prior", "gmm", "--components", "3", "--out", tmp_path / "h.png")
+    assert "(cached)" in capsys.readouterr().err
+    assert torch.equal(torch.load(cache, weights_only=True)["means"], gmm["means"] + 100)
+    os.utime(path, (os.path.getmtime(path) + 10, os.path.getmtime(path) + 10))
+    edit("sample", "--ckpt", path, "--prior", "gmm", "--components", "3", "--out", tmp_path / "h.png")
+    again = torch.load(cache, weights_only=True)
+    assert torch.equal(again["means"], gmm["means"]) and again["ckpt"] == [2, os.path.getmtime(path)]
+
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory):
+    """Random weights in the format of pytorch-fid's file (as tests/test_metrics.py makes them): the numbers
+    are not FIDs of any meaning, but the same network on both paths that are compared."""
+    import torchvision
+    torch.manual_seed(0)
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    state = net.state_dict()
+    for key, value in state.items():
+        if key.endswith("conv.weight"):
+            value.mul_(math.sqrt(6))
+    path = tmp_path_factory.mktemp("weights") / latent_edit.metrics.FID_WEIGHTS_FILE
+    torch.save(state, path)
+    return path
+
+
+def test_sample_json_measures_each_setting_as_metrics_py_measures_its_pngs(ckpt, tmp_path, fid_weights, monkeypatch,
+                                                                           capsys):
+    import torch.nn.functional as F
+    metrics = latent_edit.metrics
+    # As tests/test_metrics.py's small_network: 75 x 75 inputs and 64 pool3 features keep this test fast.
+    monkeypatch.setattr(metrics, "resize_299", lambda x: F.interpolate(x, size=(75, 75), mode="bilinear",
+                                                                       align_corners=False))
+    forward = metrics.InceptionFID.forward
+    monkeypatch.setattr(metrics.InceptionFID, "forward", lambda self, x: (lambda p, lg: (p[:, :64], lg))(
+        *forward(self, x)))
+    test = data.fake("test", S, 1)
+    data.write_pngs(data.to_float(test.images[:20]), str(tmp_path / "ref"))
+    path = ckpt("mlp_vae")
+    edit("sample", "--ckpt", path, "--temperature", "0.5,1", "--n", "12", "--out-dir", tmp_path / "s", "--json",
+         "--ref", tmp_path / "ref", "--weights", fid_weights)
+    got = json.loads(capsys.readouterr().out)
+    assert list(got) == ["N(0, I), t = 0.5", "N(0, I), t = 1"]
+    for label, folder in (("N(0, I), t = 0.5", "normal_t0.5"), ("N(0, I), t = 1", "normal_t1")):
+        metrics.main([str(tmp_path / "s" / folder), "--ref", str(tmp_path / "ref"), "--weights", str(fid_weights),
+                      "--device", "cpu", "--json", "--data-root", str(tmp_path / "data")])
+        want = json.loads(capsys.readouterr().out)[str(tmp_path / "s" / folder)]
+        assert got[label]["n"] == want["n"] == 12
+        for key in ("fid", "kid", "kid_std", "precision", "recall", "lapvar"):
+            assert got[label][key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), key
+
+
+def test_sample_json_on_the_command_line_is_the_only_thing_on_stdout(ckpt, tmp_path):
+    path = ckpt("dcgan")
+    r = subprocess.run([sys.executable, "latent_edit.py", "sample", "--ckpt", path, "--truncation", "1,none",
+                        "--n", "6", "--json", "--device", "cpu", "--out-dir", str(tmp_path / "s")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert list(got) == ["T = 1", "untruncated"] and f"wrote {os.path.join(os.path.dirname(path), 'edit_sample.png')}" \
+        in r.stderr
+    # The Laplacian variance (no reference: nothing else) of each setting's 6 PNGs, by metrics.py's function.
+    for label, folder in (("T = 1", "truncation_1"), ("untruncated", "untruncated")):
+        files = sorted((tmp_path / "s" / folder).iterdir())
+        images = np.stack([np.asarray(Image.open(f)) for f in files])
+        lap = latent_edit.metrics.laplacian_variance(images).mean()
+        assert got[label] == {"n": 6, "lapvar": pytest.approx(lap, rel=1e-9)}
+
+
+def test_sample_options_for_the_other_kind_of_model_are_refused_in_one_sentence(ckpt, folder_ckpt, tmp_path, capsys):
+    for argv, pattern in (
+            (["--truncation", "1"], r"--truncation is for the GAN checkpoints \(dcgan.py, mlp_gan.py\) and vae_conv.py"),
+            (["--temperature", "0.8"], None), (["--prior", "gmm"], None)):
+        if pattern:
+            refused(capsys, pattern, "sample", "--ckpt", ckpt("vae_conv"), *argv)
+        else:
+            refused(capsys, r"--temperature and --prior gmm are for the VAE checkpoints and dcgan.py is a GAN; use "
+                            r"--truncation", "sample", "--ckpt", ckpt("dcgan"), *argv)
+    path, _ = folder_ckpt  # its dataset: a folder of 6 images
+    refused(capsys, r"--components 7 is more than the 6 training images whose codes the mixture would be fitted to",
+            "sample", "--ckpt", path, "--prior", "gmm", "--components", "7", "--data-root", tmp_path / "root")
+    refused(capsys, r"--dims needs two different latent dimensions from 0 to 7", "scatter", "--ckpt", ckpt("vae_conv"),
+            "--dims", "1,8")
+    assert not list(tmp_path.glob("**/edit_sample.png")) and not list(tmp_path.glob("**/gmm_*.pt"))
+
+
+def test_a_gan_attribute_that_no_image_has_is_refused_before_any_inversion(ckpt, folder_ckpt, tmp_path, capsys,
+                                                                          monkeypatch):
+    _, folder = folder_ckpt
+    path = ckpt("dcgan")
+    c = torch.load(path, weights_only=True)
+    c["args"]["data"] = str(folder)
+    torch.save(c, path)
+    (folder / "attributes.csv").write_text("filename,Never\n" + "".join(f"{i}.png,-1\n" for i in range(6)))
+    monkeypatch.setattr(latent_edit, "invert", lambda *a: pytest.fail("an image was inverted"))
+    refused(capsys, "none of the 6 training images used has Never", "attribute", "--ckpt", path, "--attr", "Never",
+            "--data-root", tmp_path / "root")
+    refused(capsys, r"has no attribute or class 'Smiling'", "attribute", "--ckpt", path, "--attr", "Smiling,Never",
+            "--data-root", tmp_path / "root")
