@@ -118,12 +118,18 @@ def get_args(argv=None):
     p.add_argument("--d-filter", type=float, default=None, help="--sample: write only sigmoid(D) >= P (None: off)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
+    p.add_argument("--eval-every", type=int, default=0, help="epochs between FID/KID/IS evaluations into "
+                   "OUT/eval.csv, keeping OUT/best.pt (0: off)")
+    p.add_argument("--eval-n", type=int, default=10000, help="generated images per evaluation")
+    p.add_argument("--eval-ref", default=None, help="reference of the evaluations: dataset name, folder, .npy "
+                   "features or .npz statistics (default: the dataset's test split, e.g. mnist:test)")
+    p.add_argument("--weights", default=None, help="the FID Inception weight file (default: torch.hub cache)")
     return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
 RUNTIME_FLAGS = {"resume", "sample", "truncation", "d_filter", "device", "amp", "compile", "sync_bn", "max_steps",
-                 "out"}
+                 "out", "weights"}
 # Flags that fix the networks' shapes: a checkpoint only fits networks built with its own.
 SHAPE_FLAGS = ["latent_dim", "channels", "img_size"]
 
@@ -172,7 +178,7 @@ def check_args(args, ckpt, device, ddp, rank):
         if v < 1:
             sys.exit(f"error: {flag} must be at least 1, got {v}")
     for flag, v in {"--epochs": args.epochs, "--sample": args.sample, "--max-steps": args.max_steps,
-                    "--crop": args.crop or 0}.items():
+                    "--crop": args.crop or 0, "--eval-every": args.eval_every}.items():
         if v < 0:
             sys.exit(f"error: {flag} cannot be negative, got {v}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -192,6 +198,14 @@ def check_args(args, ckpt, device, ddp, rank):
     if args.batch_size // world < 2:  # BatchNorm1d normalises each feature over the batch
         sys.exit(f"error: --batch-size {args.batch_size} leaves fewer than 2 images per rank, too few for the "
                  f"generator's BatchNorm; use at least {2 * world}")
+    if args.eval_every and args.eval_n < 2:
+        sys.exit(f"error: --eval-n must be at least 2 (FID needs a covariance), got {args.eval_n}")
+    if args.eval_every:
+        try:  # from the name alone: nothing is loaded yet
+            metrics.check_set(args.eval_ref or "")
+        except metrics.MetricsError as e:
+            sys.exit(f"error: --eval-ref: {e}" if args.eval_ref else f"error: --data {args.data} has no test "
+                     "split; give --eval-every its reference with --eval-ref (dataset, folder, .npy or .npz)")
     if ddp and args.sync_bn and device.type != "cuda":  # else DDP raises from inside PyTorch
         sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
                  "drop --sync-bn to keep BatchNorm per rank")
@@ -410,6 +424,18 @@ def write_samples(G, D, args, device, log):
     log(f"wrote {args.sample} samples to {folder}")
 
 
+def score_samples(evaluator, G, args, device, step, epoch):
+    """--eval-every: FID, KID, IS, precision/recall and Laplacian variance of --eval-n samples of G
+    in eval mode (metrics.TrainingEval), the same z at every evaluation, drawn from their own
+    generator so that training's random stream is untouched. True when the FID is the lowest yet."""
+    gen = torch.Generator(device).manual_seed(args.seed + 2)
+    G.eval()
+    best = evaluator.evaluate(step, epoch, {"samples": lambda b: G(torch.randn(b, args.latent_dim, device=device,
+                                                                                generator=gen))})
+    G.train()
+    return best
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -429,6 +455,8 @@ def main(argv=None):
                             os.path.join("runs", f"mlp_gan-{os.path.basename(os.path.normpath(args.data))}"))
     if args.img_size is None:  # the dataset's own size (a folder of images: data.py's default)
         args.img_size = data.DEFAULT_IMG_SIZE.get(args.data, data.FOLDER_IMG_SIZE)
+    if args.eval_every and args.eval_ref is None and data.has_test_split(args.data):
+        args.eval_ref = f"{args.data}:test"
     check_args(args, ckpt, device, ddp, rank)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -451,6 +479,15 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     args.channels = args.channels or 1  # sampling only: the checkpoint normally says
     log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    # --eval-every: the Inception network and the reference are loaded now, so that a missing weight
+    # file or a bad reference stops the run before its first step, not after an epoch.
+    evaluator = None
+    if args.eval_every and train and rank == 0:
+        try:
+            evaluator = metrics.TrainingEval(args.eval_ref, args.eval_n, args.out, args.weights, device,
+                                             args.data_root, after_step=step if ckpt else None, log=log)
+        except (metrics.MetricsError, data.DataError) as e:
+            sys.exit(f"error: {e}")
 
     # --- Networks: G and D (plain, for the checkpoint and sampling) and the copies that train:
     # DDP averages gradients over ranks (BatchNorm stays per rank unless --sync-bn), and
@@ -517,6 +554,10 @@ def main(argv=None):
                                   nrow=8, normalize=True, value_range=(-1, 1))
                 metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
                 save_checkpoint(ckpt_path, G, D, optG, optD, args, epoch, batch, step, fixed_z)
+                last = epoch == args.epochs or bool(args.max_steps and step >= args.max_steps)
+                if evaluator and not signum and ((batch == 0 and epoch % args.eval_every == 0) or last):
+                    if score_samples(evaluator, G, args, device, step, label):  # the lowest FID so far
+                        save_checkpoint(os.path.join(args.out, "best.pt"), G, D, optG, optD, args, epoch, batch, step, fixed_z)
             if args.max_steps and step >= args.max_steps:
                 break
     if signum:

@@ -129,12 +129,18 @@ def get_args(argv=None):
                    help="after training, write the reconstructions decode(mu) of the first N held-out images to OUT/recon_samples/")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
+    p.add_argument("--eval-every", type=int, default=0, help="epochs between FID/KID/IS evaluations into "
+                   "OUT/eval.csv, keeping OUT/best.pt (0: off)")
+    p.add_argument("--eval-n", type=int, default=10000, help="generated images per evaluation")
+    p.add_argument("--eval-ref", default=None, help="reference of the evaluations: dataset name, folder, .npy "
+                   "features or .npz statistics (default: the dataset's test split, e.g. mnist:test)")
+    p.add_argument("--weights", default=None, help="the FID Inception weight file (default: torch.hub cache)")
     return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
 RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out", "temperature",
-                 "recon_samples"}
+                 "recon_samples", "weights"}
 # Flags that fix the network's shapes: a checkpoint only fits a network built with its own.
 SHAPE_FLAGS = ["latent_dim", "channels", "img_size"]
 
@@ -183,7 +189,7 @@ def check_args(args, ckpt, device, ddp, rank):
         if v < 1:
             sys.exit(f"error: {flag} must be at least 1, got {v}")
     for flag, v in {"--epochs": args.epochs, "--sample": args.sample, "--max-steps": args.max_steps,
-                    "--crop": args.crop or 0, "--recon-samples": args.recon_samples}.items():
+                    "--crop": args.crop or 0, "--eval-every": args.eval_every, "--recon-samples": args.recon_samples}.items():
         if v < 0:
             sys.exit(f"error: {flag} cannot be negative, got {v}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -196,6 +202,14 @@ def check_args(args, ckpt, device, ddp, rank):
     if args.recon_samples and not data.has_test_split(args.data):
         sys.exit(f"error: --recon-samples reconstructs a held-out split, which only the named datasets "
                  f"({', '.join(data.DATASETS)}) have and {args.data} does not; drop --recon-samples")
+    if args.eval_every and args.eval_n < 2:
+        sys.exit(f"error: --eval-n must be at least 2 (FID needs a covariance), got {args.eval_n}")
+    if args.eval_every:
+        try:  # from the name alone: nothing is loaded yet
+            metrics.check_set(args.eval_ref or "")
+        except metrics.MetricsError as e:
+            sys.exit(f"error: --eval-ref: {e}" if args.eval_ref else f"error: --data {args.data} has no test "
+                     "split; give --eval-every its reference with --eval-ref (dataset, folder, .npy or .npz)")
     if ddp and args.sync_bn and device.type != "cuda":  # as in the other scripts, whose DDP would raise
         sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
                  "drop --sync-bn (this model has no BatchNorm to synchronise)")
@@ -372,6 +386,23 @@ def write_singles(model, codes, n, folder, log):
     log(f"wrote {n} images to {folder}")
 
 
+def score_samples(evaluator, model, test_images, args, device, step, epoch):
+    """--eval-every: FID, KID, IS, precision/recall and Laplacian variance (metrics.TrainingEval) of
+    --eval-n prior samples decode(z), z ~ N(0, I), and of the reconstructions decode(mu(x)) of the
+    first --eval-n held-out images: the gap between the two is the VAE's "prior hole". The same z at
+    every evaluation, from their own generator, so that training's random stream is untouched.
+    True when the samples' FID is the lowest yet."""
+    gen = torch.Generator(device).manual_seed(args.seed + 2)
+    sets = {"samples": lambda b: model.decode(torch.randn(b, args.latent_dim, device=device, generator=gen))}
+    if test_images is not None:  # TrainingEval asks for its images EVAL_BATCH at a time, in order
+        held_out = iter(test_images[:args.eval_n].split(metrics.EVAL_BATCH))
+        sets["recon"] = lambda b: model.decode(model.encode(data.to_float(next(held_out)).to(device))[0])
+    model.eval()
+    best = evaluator.evaluate(step, epoch, sets)
+    model.train()
+    return best
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -389,6 +420,8 @@ def main(argv=None):
     # A resumed run continues in its checkpoint's folder, wherever that folder has moved.
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                             os.path.join("runs", f"mlp_vae-{os.path.basename(os.path.normpath(args.data))}"))
+    if args.eval_every and args.eval_ref is None and data.has_test_split(args.data):
+        args.eval_ref = f"{args.data}:test"
     check_args(args, ckpt, device, ddp, rank)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -427,6 +460,19 @@ def main(argv=None):
         args.img_size = args.img_size or data.DEFAULT_IMG_SIZE.get(args.data, 64)
         args.channels = args.channels or 1
     log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    # --eval-every: the Inception network and the reference are loaded now, so that a missing weight
+    # file or a bad reference stops the run before its first step, not after an epoch.
+    evaluator = None
+    if args.eval_every and train and rank == 0:
+        if test_images is not None and len(test_images) < args.eval_n:
+            sys.exit(f"error: --eval-n {args.eval_n} asks for more reconstructions than the {len(test_images)} "
+                     f"held-out images of {args.data}; lower --eval-n")
+        try:  # VAEs score their reconstructions of held-out images too
+            evaluator = metrics.TrainingEval(args.eval_ref, args.eval_n, args.out, args.weights, device,
+                                             args.data_root, after_step=step if ckpt else None, log=log,
+                                             sets=("samples", "recon") if test_images is not None else ("samples",))
+        except (metrics.MetricsError, data.DataError) as e:
+            sys.exit(f"error: {e}")
 
     # --- Network: the VAE (plain, for the checkpoint, evaluation and sampling) and the copy that
     # trains: DDP averages gradients over ranks, torch.compile fuses kernels.
@@ -497,6 +543,10 @@ def main(argv=None):
                                   nrow=row_len, normalize=True, value_range=(-1, 1))
                 metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
                 save_checkpoint(ckpt_path, model, opt, args, epoch, batch, step, fixed_z)
+                last = epoch == args.epochs or bool(args.max_steps and step >= args.max_steps)
+                if evaluator and not signum and ((batch == 0 and epoch % args.eval_every == 0) or last):
+                    if score_samples(evaluator, model, test_images, args, device, step, label):  # the lowest FID so far
+                        save_checkpoint(os.path.join(args.out, "best.pt"), model, opt, args, epoch, batch, step, fixed_z)
             if args.max_steps and step >= args.max_steps:
                 break
     if signum:
