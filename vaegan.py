@@ -2,11 +2,16 @@
 
 Larsen, Sønderby, Larochelle & Winther, "Autoencoding beyond pixels using a learned similarity
 metric", ICML 2016, arXiv:1512.09300: the architecture of its 64x64 experiments, the three losses,
-and the updates of its Algorithm 1, with RMSprop at 3e-4 and batch 64.
+and the updates of its Algorithm 1, with RMSprop at 3e-4 and batch 64. Kept in balance as GANs
+need: the discriminator normalises real images, reconstructions and prior samples each in its own
+BatchNorm batch (--separate-dis, ours), weighs real against generated images (--real-weight) and
+skips the update of whichever of decoder and discriminator is too far ahead (--margin), the last
+two the authors' training tricks. Without them, on MNIST the discriminator rejects every prior
+sample from the first steps (D(x_p) ~ 0) and samples from the prior are not digits.
 
     python vaegan.py --data celeba                             # the CelebA report: 64x64, gamma 15
     python vaegan.py --data mnist --epochs 5 --gamma 1.5       # MNIST resized to 32x32
-    python vaegan.py --resume runs/vaegan-celeba/ckpt.pt --epochs 0 --sample 10000
+    python vaegan.py --resume runs/vaegan-celeba/ckpt.pt --epochs 0 --sample 10000 --recon-samples 10000
     torchrun --nproc_per_node=2 vaegan.py --data celeba        # data-parallel on 2 devices
 """
 import argparse
@@ -143,7 +148,14 @@ def load_model(path, device="cpu"):
 #             of those squares, so L_llike = N_l / 2 * feat_mse.
 #   L_GAN   = log Dis(x) + log(1 - Dis(Dec(z))) + log(1 - Dis(Dec(z_p))),  z_p ~ N(0, I)
 # Algorithm 1: Enc <- grad(L_prior + L_llike); Dec <- grad(gamma L_llike - L_GAN); Dis <- grad(L_GAN).
-#   - Dis minimises the cross-entropy -L_GAN (bce on logits: the safe form, also under autocast).
+#   - Dis minimises the cross-entropy -L_GAN (bce on logits: the safe form, also under autocast),
+#     its real and generated images weighted as the authors' real_vs_gen_weight w (--real-weight):
+#       loss_dis = 2 * (w * dis_real + (1 - w) * dis_fake),  dis_real = -log Dis(x),
+#       dis_fake = -1/2 [log(1 - Dis(Dec(z))) + log(1 - Dis(Dec(z_p)))]   (batch means).
+#     w = 1/2 (the default, theirs): -log Dis(x) - 1/2 log(1 - Dis(x~)) - 1/2 log(1 - Dis(x_p)).
+#     w = None: -L_GAN itself, the three cross-entropies with weight 1 (Algorithm 1 as written).
+#     w = 1/3 is 2/3 of that: the same direction, but not the same RMSprop step where gradients are
+#     as small as its eps (measured: up to 15% of a step apart after one step), hence None.
 #   - Dec takes the non-saturating form of -L_GAN: it minimises -log Dis(x~) - log Dis(Dec(z_p)).
 #   - gamma multiplies feat_mse, the mean over features: the scale of the report's gamma = 15 (the
 #     PyTorch ports it ran use ((Dis_l(x~) - Dis_l(x))^2).mean()); the paper's gamma on the summed
@@ -171,23 +183,32 @@ def pixel_mse(x_tilde, x):  # for monitoring only: sum over [0, 1]-scaled pixels
     return ((x_tilde - x) / 2).pow(2).sum() / x.shape[0]
 
 
-def vaegan_loss(x, mu, logvar, x_tilde, logits, feats, gamma):
+def vaegan_loss(x, mu, logvar, x_tilde, logits, feats, gamma, real_weight=0.5):  # real_weight: w or None
     """Every term of one step. logits: Dis on [x, x~, x_p] (3B); feats: Dis_l on the same batch."""
     b = x.shape[0]
     mu, logvar, logits, feats = mu.float(), logvar.float(), logits.float(), feats.float()
     kl, f_mse = kl_divergence(mu, logvar), feature_mse(feats[b:2 * b], feats[:b])
     real, tilde, prior = logits.split(b)
-    loss_dis = bce(real, 1.0) + bce(tilde, 0.0) + bce(prior, 0.0)
+    dis_real, dis_fake = bce(real, 1.0), (bce(tilde, 0.0) + bce(prior, 0.0)) / 2
+    if real_weight is None:  # -L_GAN = -log Dis(x) - log(1 - Dis(Dec(z))) - log(1 - Dis(Dec(z_p)))
+        loss_dis = dis_real + 2 * dis_fake
+    else:  # the authors' real_vs_gen_weight w; x2 so that w = 1/2 is dis_real + dis_fake
+        loss_dis = 2 * (real_weight * dis_real + (1 - real_weight) * dis_fake)
     gan_dec = bce(tilde, 1.0) + bce(prior, 1.0)
     with torch.no_grad():
         diag = {"pixel_mse": pixel_mse(x_tilde.float(), x), "D(x)": torch.sigmoid(real).mean(),
-                "D(x_tilde)": torch.sigmoid(tilde).mean(), "D(x_p)": torch.sigmoid(prior).mean()}
+                "D(x_tilde)": torch.sigmoid(tilde).mean(), "D(x_p)": torch.sigmoid(prior).mean(),
+                "dis_real": dis_real.detach(), "dis_fake": dis_fake.detach()}
     return {"loss_enc": kl + feats.shape[1] / 2 * f_mse, "loss_dec": gamma * f_mse + gan_dec, "loss_dis": loss_dis,
             "kl": kl, "feat_mse": f_mse, "gan_dec": gan_dec, **diag}
 
 
 # -----------------------------------------------------------------------------
 # Settings: parsed, completed from a checkpoint, then checked in one place before any work.
+
+def number_or_none(v):
+    return None if v.lower() == "none" else float(v)
+
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -210,6 +231,21 @@ def get_args(argv=None):
     p.add_argument("--dis-layer", type=int, default=4, choices=[1, 2, 3, 4],
                    help="Dis_l: the discriminator conv (counted from the input) whose output, before its BatchNorm, "
                    "measures reconstructions; 4 as the authors' code (the last, 3rd strided conv)")
+    # Keeping the GAN in balance: what makes prior samples digits after one MNIST epoch (README).
+    p.add_argument("--separate-dis", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours: the discriminator sees x, x~ and x_p as three batches, each with its own BatchNorm "
+                   "statistics; --no-separate-dis: one joint batch of 3B, as the authors' code")
+    p.add_argument("--real-weight", type=number_or_none, default=0.5, help="the authors' real_vs_gen_weight w, in "
+                   "(0, 1): loss_dis = 2 (w bce(real) + (1 - w) bce(fakes)); 'none': the paper's sum of the three "
+                   "cross-entropies, as Algorithm 1")
+    p.add_argument("--margin", type=number_or_none, default=0.35,
+                   help="the authors' balancing: no discriminator update while its cost on real images or on fakes "
+                   "is below equilibrium - margin, no decoder update while one is above equilibrium + margin; "
+                   "'none': update both always, as Algorithm 1")
+    p.add_argument("--equilibrium", type=float, default=0.68, help="the discriminator cost (nats) the balancing "
+                   "aims at, the authors' 0.68 (~ ln 2: a discriminator that cannot tell)")
+    p.add_argument("--lr-decay", type=float, default=1.0, help="multiply the learning rates by this after every "
+                   "epoch, as the authors anneal theirs; 1: constant")
     p.add_argument("--out", default=None, help="output folder; default runs/vaegan-<data>, or the --resume checkpoint's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, ...")
@@ -219,13 +255,18 @@ def get_args(argv=None):
     p.add_argument("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all ranks")
     p.add_argument("--resume", default=None, help="ckpt.pt to continue from; flags not given again come from it")
     p.add_argument("--sample", type=int, default=0, help="after training, write this many single PNGs to OUT/samples/")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="--sample draws z ~ N(0, t^2 I) (the training grids: t = 1)")
+    p.add_argument("--recon-samples", type=int, default=0, help="after training, write the reconstructions "
+                   "decode(mu) of the first N held-out images as single PNGs to OUT/recon_samples/")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
     return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
-RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out"}
+RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out", "temperature",
+                 "recon_samples"}
 # Flags that fix the networks' shapes (and, --optim, the optimizers' state): a checkpoint only
 # fits networks and optimizers built with its own.
 SHAPE_FLAGS = ["latent_dim", "width", "channels", "img_size", "optim"]
@@ -276,13 +317,26 @@ def check_args(args, ckpt, device, ddp, rank):
         if v < 1:
             sys.exit(f"error: {flag} must be at least 1, got {v}")
     for flag, v in {"--epochs": args.epochs, "--sample": args.sample, "--max-steps": args.max_steps,
-                    "--crop": args.crop or 0}.items():
+                    "--crop": args.crop or 0, "--recon-samples": args.recon_samples}.items():
         if v < 0:
             sys.exit(f"error: {flag} cannot be negative, got {v}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         sys.exit(f"error: --lr must be a positive number, got {args.lr}")
     if not (math.isfinite(args.gamma) and args.gamma >= 0):
         sys.exit(f"error: --gamma must be a number >= 0, got {args.gamma}")
+    if args.real_weight is not None and not 0 < args.real_weight < 1:
+        sys.exit(f"error: --real-weight must be between 0 and 1 (both excluded) or 'none', got {args.real_weight}")
+    if args.margin is not None and not (math.isfinite(args.margin) and args.margin >= 0):
+        sys.exit(f"error: --margin must be a number >= 0 or 'none', got {args.margin}")
+    if not (math.isfinite(args.equilibrium) and args.equilibrium > 0):
+        sys.exit(f"error: --equilibrium must be a positive number of nats, got {args.equilibrium}")
+    if not 0 < args.lr_decay <= 1:
+        sys.exit(f"error: --lr-decay must be in (0, 1] (1: constant learning rate), got {args.lr_decay}")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        sys.exit(f"error: --temperature must be a positive number, got {args.temperature}")
+    if args.recon_samples and not data.has_test_split(args.data):
+        sys.exit(f"error: --recon-samples reconstructs held-out images, and {args.data} has no held-out split; "
+                 f"use one of {', '.join(data.DATASETS)}")
     if args.img_size is not None and args.img_size < 1:
         sys.exit(f"error: --img-size must be a positive multiple of 8, got {args.img_size}")
     if ddp and args.sync_bn and device.type != "cuda":  # else SyncBatchNorm raises from inside PyTorch
@@ -290,9 +344,9 @@ def check_args(args, ckpt, device, ddp, rank):
                  "drop --sync-bn to keep BatchNorm per rank")
     check_size(args, device)
     done = ckpt["epoch"] if ckpt else 0
-    if args.epochs <= done and not args.sample:
+    if args.epochs <= done and not (args.sample or args.recon_samples):
         sys.exit(f"error: nothing to train: {f'{args.resume} has finished {done} epochs' if ckpt else '--epochs is 0'} "
-                 f"and no --sample was asked for; raise --epochs to train on")
+                 f"and no --sample or --recon-samples was asked for; raise --epochs to train on")
     if ckpt and args.epochs > done and 0 < args.max_steps <= ckpt["step"]:
         sys.exit(f"error: nothing to train: {args.resume} is already at step {ckpt['step']} and --max-steps "
                  f"is {args.max_steps}; raise --max-steps or drop it")
@@ -301,6 +355,9 @@ def check_args(args, ckpt, device, ddp, rank):
             flag = "--" + k.replace("_", "-")
             sys.exit(f"error: {args.resume} was trained with {flag} {ckpt['args'][k]}, which {flag} "
                      f"{getattr(args, k)} does not fit; drop {flag} to use the checkpoint's")
+    if args.optim == "adam" and args.margin is not None:  # see train_step: a zero gradient is no skip for Adam
+        sys.exit("error: --margin skips an update by zeroing its gradient, which stops RMSprop but not Adam "
+                 "(its momentum moves the weights on); with --optim adam add --margin none")
     if rank == 0:  # an output folder that cannot be written is found now, not after the first epoch
         try:
             os.makedirs(args.out, exist_ok=True)
@@ -397,23 +454,58 @@ def average_gradients(params, world):
         g.copy_(f.view_as(g))
 
 
-def train_step(nets, opts, x, gamma, dis_layer, amp=False, world=1, eps=None, z_p=None):
+def discriminate(dis, x, fakes, dis_layer, separate):
+    """Dis on [x, x~, x_p] -> 3B logits, 3B x N_l features. separate: three calls, so that each
+    BatchNorm normalises real images, reconstructions and prior samples with their own batch
+    statistics (ours); else one call on the joint batch of 3B, as the authors' code, in which the
+    discriminator tells the kinds apart by their batch statistics within a few steps (README)."""
+    if not separate:
+        return dis(torch.cat([x, fakes]), dis_layer)
+    outs = [dis(part, dis_layer) for part in (x, *fakes.chunk(2))]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def balance(dis_real, dis_fake, margin, equilibrium):
+    """The authors' GAN balancing (andersbll/autoencoding_beyond_pixels, model/aegan.py,
+    GradientDescent.train_epoch), from the discriminator's costs on real images and on fakes:
+    no discriminator update while either is below equilibrium - margin (it is too far ahead), no
+    decoder update while either is above equilibrium + margin (it is too far ahead); if neither
+    would be updated, both are. -> (decoder's, discriminator's) 0/1 float tensors, on the device."""
+    dis_on = torch.minimum(dis_real, dis_fake) >= equilibrium - margin
+    dec_on = torch.maximum(dis_real, dis_fake) <= equilibrium + margin
+    neither = ~(dec_on | dis_on)
+    return (dec_on | neither).float(), (dis_on | neither).float()
+
+
+def train_step(nets, opts, x, gamma, dis_layer, amp=False, world=1, eps=None, z_p=None,
+               separate_dis=True, real_weight=0.5, margin=0.35, equilibrium=0.68):
     """One iteration of Algorithm 1: one forward pass of the three networks, then each network's
     gradient of its own loss only (backward with inputs=), all of them before any optimizer step.
     Stepping between the backward passes is what breaks ports on modern PyTorch ("modified by an
     inplace operation"): the later backward needs the weights the step has just changed."""
     enc, dec, dis = nets
     b = x.shape[0]
-    # One decoder call on [z, z_p] and one discriminator call on [x, x~, x_p]: BatchNorm sees the
-    # joint batch, as in the authors' GAN pass, and f(x), f(x~) come from the same call.
+    # One decoder call on [z, z_p] (BatchNorm sees the joint batch, as the authors' code) and the
+    # discriminator on [x, x~, x_p], in one call or three (separate_dis).
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         mu, logvar = enc(x)                                        # B x latent each
         z = reparameterise(mu, logvar, eps)
         z_p = torch.randn(mu.shape, device=x.device) if z_p is None else z_p
         fakes = dec(torch.cat([z, z_p.to(z.dtype)]))              # 2B x C x S x S: [x~, x_p]
-        logits, feats = dis(torch.cat([x, fakes]), dis_layer)      # 3B logits, 3B x N_l: [x, x~, x_p]
-        t = vaegan_loss(x, mu, logvar, fakes[:b], logits, feats, gamma)
-    losses = (t["loss_enc"], t["loss_dec"], t["loss_dis"])
+        logits, feats = discriminate(dis, x, fakes, dis_layer, separate_dis)  # 3B, 3B x N_l: [x, x~, x_p]
+        t = vaegan_loss(x, mu, logvar, fakes[:b], logits, feats, gamma, real_weight)
+    # The balancing, with no host sync: each update flag (0 or 1) multiplies its network's loss, and
+    # a zero gradient leaves RMSprop's weights bit for bit as they were. Unlike the authors' true skip,
+    # RMSprop's running average of squared gradients still decays (by alpha = 0.99) and the backward
+    # pass is still computed. Under torchrun every rank decides on the costs averaged over the ranks.
+    dec_on = dis_on = torch.ones((), device=x.device)
+    if margin is not None:
+        costs = torch.stack([t["dis_real"], t["dis_fake"]])
+        if world > 1:
+            dist.all_reduce(costs)
+        dec_on, dis_on = balance(*(costs / world), margin, equilibrium)
+    t["dec_step"], t["dis_step"] = dec_on, dis_on
+    losses = (t["loss_enc"], t["loss_dec"] * dec_on, t["loss_dis"] * dis_on)
     params = [list(n.parameters()) for n in nets]
     for opt in opts:
         opt.zero_grad(set_to_none=True)
@@ -421,6 +513,8 @@ def train_step(nets, opts, x, gamma, dis_layer, amp=False, world=1, eps=None, z_
         loss.backward(inputs=ps, retain_graph=i < 2)
     if world > 1:
         average_gradients([p for ps in params for p in ps], world)
+    for name, ps in zip(("enc", "dec", "dis"), params):  # the norm of each network's update direction
+        t["gnorm_" + name] = torch.nn.utils.get_total_norm([p.grad for p in ps if p.grad is not None])
     for opt in opts:
         opt.step()
     return t
@@ -455,7 +549,8 @@ def evaluate(model, images, dis_layer, seed):
 # -----------------------------------------------------------------------------
 # The loss log: one row per logged step, and one held-out row (its training cells blank) per epoch end.
 
-LOGGED = ("kl", "feat_mse", "pixel_mse", "loss_dis", "gan_dec", "D(x)", "D(x_tilde)", "D(x_p)")
+LOGGED = ("kl", "feat_mse", "pixel_mse", "loss_dis", "gan_dec", "D(x)", "D(x_tilde)", "D(x_p)",
+          "dis_real", "dis_fake", "dec_step", "dis_step", "gnorm_enc", "gnorm_dec", "gnorm_dis")
 COLUMNS = ["step", "epoch", *LOGGED, "img_per_s", "test_kl", "test_feat_mse", "test_pixel_mse"]
 
 
@@ -523,21 +618,26 @@ def main(argv=None):
     train = epoch < args.epochs
 
     # --- Data: decoded once into a uint8 cache, then served as [-1, 1] batches on the device.
-    # The held-out split (where the dataset has one) gives the test losses at each epoch end.
+    # The held-out split (where the dataset has one) gives the test losses at each epoch end and
+    # the images of --recon-samples.
     loader = test_images = None
-    if train:
-        try:
+    try:
+        if train:
             ds = data.load(args.data, root=args.data_root, split="train", img_size=args.img_size,
                            channels=args.channels, crop=args.crop)
             args.channels = ds.images.shape[1]
-            if data.has_test_split(args.data):
-                test_images = data.load(args.data, root=args.data_root, split="test", img_size=args.img_size,
-                                        channels=args.channels, crop=args.crop).images
             loader = data.Loader(ds.images, args.batch_size, device, seed=args.seed, flip=args.flip,
                                  rank=rank, world_size=world,
                                  channels_last=memory_format == torch.channels_last)
-        except data.DataError as e:
-            sys.exit(f"error: {e}")
+        if data.has_test_split(args.data) and (train or args.recon_samples):
+            test_images = data.load(args.data, root=args.data_root, split="test", img_size=args.img_size,
+                                    channels=args.channels, crop=args.crop).images
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    if args.recon_samples > (0 if test_images is None else len(test_images)):  # known now, before training
+        sys.exit(f"error: --recon-samples {args.recon_samples} asks for more reconstructions than the "
+                 f"{len(test_images)} held-out images of {args.data}; ask for at most {len(test_images)}")
+    if train:
         # The fixed inputs of recon_epoch_NNN.png: the first 32 training images, in rows of 8.
         n_recon, row_len = min(32, len(ds.images)), min(8, len(ds.images))
         recon_x = data.to_float(ds.images[:n_recon - n_recon % row_len]).to(device)
@@ -577,9 +677,14 @@ def main(argv=None):
     with stop_signals() as caught:
         while train and epoch < args.epochs and not signum:
             model.train()
+            for opt in opts:  # --lr-decay, as the authors' per-epoch annealing: lr * decay^(epochs done)
+                for group in opt.param_groups:
+                    group["lr"] = args.lr * args.lr_decay ** epoch
             t0, seen, first = time.perf_counter(), 0, min(batch, n)
             for batch, x in enumerate(loader.epoch(epoch, start=first), start=first):  # B x C x S x S in [-1, 1]
-                t = train_step(train_nets, opts, x, args.gamma, args.dis_layer, args.amp, world)
+                t = train_step(train_nets, opts, x, args.gamma, args.dis_layer, args.amp, world,
+                               separate_dis=args.separate_dis, real_weight=args.real_weight, margin=args.margin,
+                               equilibrium=args.equilibrium)
                 step, seen = step + 1, seen + x.shape[0] * world
                 bad |= ~torch.isfinite(t["loss_enc"].detach() + t["loss_dec"].detach() + t["loss_dis"].detach())  # no sync
                 at_max = bool(args.max_steps and step >= args.max_steps)
@@ -591,7 +696,8 @@ def main(argv=None):
                     log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} KL {v['kl']:.2f} "
                         f"feat_mse {v['feat_mse']:.4f} pixel_mse {v['pixel_mse']:.2f}  Loss_D {v['loss_dis']:.3f} "
                         f"GAN_dec {v['gan_dec']:.3f}  D(x) {v['D(x)']:.2f} D(x~) {v['D(x_tilde)']:.2f} "
-                        f"D(x_p) {v['D(x_p)']:.2f}  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
+                        f"D(x_p) {v['D(x_p)']:.2f}  updates dec {v['dec_step']:.0f} dis {v['dis_step']:.0f}  "
+                        f"{rate:.0f} img/s  ETA {eta / 60:.1f} min")
                     if rank == 0:
                         metrics.log_row(csv_path, [step, epoch + 1, *v.values(), rate, "", "", ""])
                 if at_max or signum:
@@ -632,18 +738,31 @@ def main(argv=None):
             dist.destroy_process_group()
         sys.exit(128 + signum)  # 130 for Ctrl-C, as shells expect
 
-    # --- Sampling: N single PNGs decoded from fresh z ~ N(0, I) for metrics.py, eval mode.
+    # --- Sampling: N single PNGs for metrics.py, eval mode: decoded from fresh z ~ N(0, t^2 I) (the
+    # temperature t), and the reconstructions decode(mu) of the first held-out images.
     if args.sample and rank == 0:
         model.eval()
         gen = torch.Generator(device).manual_seed(args.seed + 1)
         with torch.no_grad():
             for i in range(0, args.sample, 500):
-                z = torch.randn(min(500, args.sample - i), args.latent_dim, device=device, generator=gen)
+                z = args.temperature * torch.randn(min(500, args.sample - i), args.latent_dim, device=device,
+                                                   generator=gen)  # t * N(0, I) = N(0, t^2 I)
                 try:
                     data.write_pngs(model.decode(z), os.path.join(args.out, "samples"), first=i)
                 except data.DataError as e:
                     sys.exit(f"error: {e}")
         log(f"wrote {args.sample} samples to {os.path.join(args.out, 'samples')}")
+    if args.recon_samples and rank == 0:
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, args.recon_samples, 500):
+                x = data.to_float(test_images[i:min(i + 500, args.recon_samples)]).to(device)  # B x C x S x S
+                try:
+                    data.write_pngs(model.decode(model.encode(x)[0]), os.path.join(args.out, "recon_samples"), first=i)
+                except data.DataError as e:
+                    sys.exit(f"error: {e}")
+        log(f"wrote {args.recon_samples} reconstructions of held-out images to "
+            f"{os.path.join(args.out, 'recon_samples')}")
     if ddp:
         dist.destroy_process_group()
 

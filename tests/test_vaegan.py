@@ -1,5 +1,7 @@
 """vaegan.py: the paper's architecture, the loss terms against hand computations, the gradient
-routing of Algorithm 1 against autograd on copies, and the script through its real entry point."""
+routing of Algorithm 1 against autograd on copies, the GAN balancing flags (--separate-dis,
+--real-weight, --margin/--equilibrium, --lr-decay), the sampling flags (--temperature,
+--recon-samples), and the script through its real entry point."""
 import copy
 import math
 import os
@@ -7,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -21,11 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "fake", "--width", "8", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1",
          "--device", "cpu"]
 COLUMNS = ["step", "epoch", "kl", "feat_mse", "pixel_mse", "loss_dis", "gan_dec", "D(x)", "D(x_tilde)", "D(x_p)",
+           "dis_real", "dis_fake", "dec_step", "dis_step", "gnorm_enc", "gnorm_dec", "gnorm_dis",
            "img_per_s", "test_kl", "test_feat_mse", "test_pixel_mse"]
 
 
-def run(tmp_path, *extra):
-    out = str(tmp_path / "run")
+def run(tmp_path, *extra, name="run"):
+    out = str(tmp_path / name)
     vaegan.main(SMALL + ["--out", out, *extra])
     return out
 
@@ -84,7 +88,9 @@ def test_bad_image_size_is_refused(tmp_path):
 
 def test_loss_terms_match_hand_computations():
     # One image: logits real 0, reconstruction ln 3, prior sample -ln 3 (D = 1/2, 3/4, 1/4).
-    #   Dis:  -ln(1/2) - ln(1 - 3/4) - ln(1 - 1/4) = ln 2 + ln 4 + ln(4/3)
+    #   Dis costs: on the real image -ln(1/2) = ln 2, on the fakes (-ln(1 - 3/4) - ln(1 - 1/4)) / 2
+    #   Dis, w = 1/2: ln 2 + (ln 4 + ln(4/3)) / 2
+    #   Dis, w = None: ln 2 + ln 4 + ln(4/3) = -L_GAN, the paper's sum; w = 1/3: 2/3 of it
     #   Dec:  -ln(3/4) - ln(1/4)                    (non-saturating: both fakes labelled real)
     # Four features, error (1, 2, 0, 0): feat_mse 5/4; L_llike = 1/2 * 5 = N_l / 2 * feat_mse.
     x = torch.tensor([-1.0, 1.0, 0.0, 0.5]).view(1, 1, 2, 2)
@@ -96,7 +102,15 @@ def test_loss_terms_match_hand_computations():
     assert t["kl"].item() == pytest.approx(kl, rel=1e-6)
     assert t["feat_mse"].item() == pytest.approx(5 / 4)
     assert t["loss_enc"].item() == pytest.approx(kl + 2.5, rel=1e-6)
-    assert t["loss_dis"].item() == pytest.approx(math.log(2) + math.log(4) + math.log(4 / 3), rel=1e-6)
+    assert t["dis_real"].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert t["dis_fake"].item() == pytest.approx((math.log(4) + math.log(4 / 3)) / 2, rel=1e-6)
+    assert t["loss_dis"].item() == pytest.approx(math.log(2) + (math.log(4) + math.log(4 / 3)) / 2, rel=1e-6)
+    paper = vaegan.vaegan_loss(x, KL_MU[1:], KL_LOGVAR[1:], x_tilde, logits, feats, gamma=15, real_weight=None)
+    assert paper["loss_dis"].item() == pytest.approx(math.log(2) + math.log(4) + math.log(4 / 3), rel=1e-6)
+    third = vaegan.vaegan_loss(x, KL_MU[1:], KL_LOGVAR[1:], x_tilde, logits, feats, gamma=15, real_weight=1 / 3)
+    assert third["loss_dis"].item() == pytest.approx(2 / 3 * (math.log(2) + math.log(4) + math.log(4 / 3)), rel=1e-6)
+    w = vaegan.vaegan_loss(x, KL_MU[1:], KL_LOGVAR[1:], x_tilde, logits, feats, gamma=15, real_weight=0.66)
+    assert w["loss_dis"].item() == pytest.approx(2 * (0.66 * math.log(2) + 0.34 * (math.log(4) + math.log(4 / 3)) / 2))
     assert t["gan_dec"].item() == pytest.approx(math.log(4 / 3) + math.log(4), rel=1e-6)
     assert t["loss_dec"].item() == pytest.approx(15 * 5 / 4 + t["gan_dec"].item(), rel=1e-6)
     # pixel_mse on [0, 1]-scaled pixels: errors 1, 0, 0, 1/4 in [-1, 1] units -> 1 + 1/16.
@@ -105,8 +119,8 @@ def test_loss_terms_match_hand_computations():
     assert vaegan.kl_divergence(KL_MU, KL_LOGVAR).item() == pytest.approx(KL_HAND, rel=1e-6)
 
 
-@pytest.mark.parametrize("layer", [4, 1])
-def test_one_step_moves_each_network_by_the_gradient_of_its_own_loss_only(layer):
+@pytest.mark.parametrize("layer, separate, w", [(4, True, 0.5), (1, True, 0.5), (4, False, None)])
+def test_one_step_moves_each_network_by_the_gradient_of_its_own_loss_only(layer, separate, w):
     torch.manual_seed(0)
     model = vaegan.VAEGAN(latent_dim=6, width=4, channels=3, img_size=16)
     hand = copy.deepcopy(model)
@@ -114,23 +128,34 @@ def test_one_step_moves_each_network_by_the_gradient_of_its_own_loss_only(layer)
     nets = [model.encoder, model.decoder, model.discriminator]
     before = [[p.detach().clone() for p in n.parameters()] for n in nets]
     opts = [torch.optim.SGD(n.parameters(), lr=lr) for n in nets]
-    vaegan.train_step(nets, opts, x, gamma, layer, eps=eps, z_p=z_p)  # no in-place autograd error either
+    vaegan.train_step(nets, opts, x, gamma, layer, eps=eps, z_p=z_p,  # no in-place autograd error either
+                      separate_dis=separate, real_weight=w, margin=None)
 
     # The same forward on copies; Dis_l read with a hook on the discriminator's conv number `layer`.
-    feats = {}
+    # separate: the discriminator called on x, x~ and x_p one at a time (each BatchNorm on its own
+    # batch); else on the joint batch of 15.
+    feats = []
     conv = [m for m in hand.discriminator.modules() if isinstance(m, nn.Conv2d)][layer - 1]
-    conv.register_forward_hook(lambda m, i, o: feats.update(out=o.flatten(1)))
+    conv.register_forward_hook(lambda m, i, o: feats.append(o.flatten(1)))
     mu, logvar = hand.encoder(x)
     fakes = hand.decoder(torch.cat([mu + torch.exp(0.5 * logvar) * eps, z_p]))
-    logits = hand.discriminator(torch.cat([x, fakes]), layer)[0]
+    if separate:
+        logits = torch.cat([hand.discriminator(v, layer)[0] for v in (x, fakes[:5], fakes[5:])])
+    else:
+        logits = hand.discriminator(torch.cat([x, fakes]), layer)[0]
     real, tilde, prior = logits.split(5)
-    err = (feats["out"][5:10] - feats["out"][:5]).pow(2)
+    f_x, f_tilde = torch.cat(feats)[:5], torch.cat(feats)[5:10]
+    err = (f_tilde - f_x).pow(2)
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum() / 5
     gan_dec = -F.logsigmoid(tilde).mean() - F.logsigmoid(prior).mean()
+    if w is None:  # -L_GAN, the paper's sum
+        loss_dis = -(F.logsigmoid(real).mean() + F.logsigmoid(-tilde).mean() + F.logsigmoid(-prior).mean())
+    else:          # real images weighted w, each kind of fake (1 - w) / 2, times 2
+        loss_dis = -2 * (w * F.logsigmoid(real).mean()
+                         + (1 - w) / 2 * (F.logsigmoid(-tilde).mean() + F.logsigmoid(-prior).mean()))
     losses = {"encoder": kl + 0.5 * err.sum() / 5,                       # L_prior + L_llike
               "decoder": gamma * err.mean() + gan_dec,                    # gamma L_llike - L_GAN
-              "discriminator": -(F.logsigmoid(real).mean() + F.logsigmoid(-tilde).mean()
-                                 + F.logsigmoid(-prior).mean())}          # -L_GAN
+              "discriminator": loss_dis}
     for (name, loss), net, old in zip(losses.items(), nets, before):
         grads = torch.autograd.grad(loss, list(getattr(hand, name).parameters()), retain_graph=True)
         for p, p0, g in zip(net.parameters(), old, grads):
@@ -157,7 +182,7 @@ def test_stepping_between_backward_passes_is_what_breaks_on_modern_pytorch():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_trains_a_few_steps_and_writes_every_file(tmp_path, size):
-    extra = ["--optim", "adam"] if size == 64 else []
+    extra = ["--optim", "adam", "--margin", "none"] if size == 64 else []
     out = run(tmp_path, "--img-size", str(size), "--max-steps", "2", "--batch-size", "8", *extra)
     for f in ["grid_epoch_001.png", "recon_epoch_001.png", "losses.csv", "losses.png", "ckpt.pt"]:
         assert os.path.exists(os.path.join(out, f)), f
@@ -206,8 +231,17 @@ def test_held_out_losses_are_float32_whatever_the_training_precision(tmp_path):
         assert got == pytest.approx(want, rel=1e-5), name  # under bfloat16 autocast: KL, feat_mse off by ~1e-3
 
 
-@pytest.mark.parametrize("flags, says", [(["--gamma", "nan"], "--gamma"), (["--gamma", "-1"], "--gamma"),
-                                         (["--width", "0"], "--width"), (["--width", "5"], "--width must be an even")])
+@pytest.mark.parametrize("flags, says", [
+    (["--gamma", "nan"], "--gamma"), (["--gamma", "-1"], "--gamma"),
+    (["--width", "0"], "--width"), (["--width", "5"], "--width must be an even"),
+    (["--real-weight", "0"], "--real-weight"), (["--real-weight", "1"], "--real-weight"),
+    (["--real-weight", "nan"], "--real-weight"), (["--margin", "-0.1"], "--margin"), (["--margin", "nan"], "--margin"),
+    (["--equilibrium", "0"], "--equilibrium"), (["--equilibrium", "inf"], "--equilibrium"),
+    (["--lr-decay", "0"], "--lr-decay"), (["--lr-decay", "1.5"], "--lr-decay"),
+    (["--temperature", "0"], "--temperature"), (["--temperature", "-1"], "--temperature"),
+    (["--recon-samples", "-1"], "--recon-samples"),
+    (["--recon-samples", "2", "--data", "my/images"], "my/images has no held-out split"),
+    (["--optim", "adam"], "with --optim adam add --margin none")])
 def test_its_own_bad_flags_are_one_sentence_before_any_data_is_read(tmp_path, monkeypatch, flags, says):
     monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("data was read before the flags were checked"))
     with pytest.raises(SystemExit) as e:
@@ -292,3 +326,162 @@ def test_command_line_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "vaegan.py", "--data", "no-such-set", "--out", out, "--device", "cpu"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
+
+
+# ----------------------------------------------------------------------------- keeping the GAN in balance
+
+def as_built(out, name):
+    """The parameters one network had before the first step: main() seeds, then builds from args."""
+    args = ckpt(out)["args"]
+    torch.manual_seed(args["seed"])
+    return dict(getattr(vaegan.build(args), name).named_parameters())
+
+
+def unchanged(out, name):
+    saved = ckpt(out)[name]
+    return all(torch.equal(p, saved[k]) for k, p in as_built(out, name).items())
+
+
+@pytest.mark.parametrize("real, fake, dec, dis", [
+    (0.69, 0.69, 1, 1),   # both costs in [0.33, 1.03]: both update
+    (0.10, 0.69, 1, 0),   # the discriminator is far ahead on real images (cost < 0.68 - 0.35): it waits
+    (0.69, 0.20, 1, 0),   # ... or on the fakes
+    (1.20, 0.69, 0, 1),   # its cost on real images is above 0.68 + 0.35: the decoder waits
+    (0.69, 1.50, 0, 1),   # ... or on the fakes
+    (0.10, 1.50, 1, 1),   # both rules at once: the authors then update both
+])
+def test_balance_is_the_authors_rule_on_hand_set_costs(real, fake, dec, dis):
+    got = vaegan.balance(torch.tensor(real), torch.tensor(fake), margin=0.35, equilibrium=0.68)
+    assert [g.item() for g in got] == [dec, dis] and all(g.dtype == torch.float32 for g in got)
+
+
+@pytest.mark.parametrize("flags, frozen, moved", [
+    # equilibrium 10: every cost (about ln 2) is below 10 - 0.35, so only the discriminator waits
+    (["--equilibrium", "10"], "discriminator", "decoder"),
+    # equilibrium 0.01, margin 0: every cost is above 0.01 and none below it, so only the decoder waits
+    (["--equilibrium", "0.01", "--margin", "0"], "decoder", "discriminator"),
+])
+def test_a_skipped_update_leaves_the_weights_bit_identical(tmp_path, flags, frozen, moved):
+    out = run(tmp_path, "--img-size", "16", "--max-steps", "3", *flags)
+    assert unchanged(out, frozen)
+    assert not unchanged(out, moved) and not unchanged(out, "encoder")  # the test has teeth
+    r = [x for x in rows(out) if x["kl"]]
+    flag = {"decoder": "dec_step", "discriminator": "dis_step"}
+    assert [float(x[flag[frozen]]) for x in r] == [0, 0, 0] and [float(x[flag[moved]]) for x in r] == [1, 1, 1]
+
+
+def test_logged_update_flags_follow_the_logged_costs_and_none_updates_always(tmp_path):
+    out = run(tmp_path, "--img-size", "16", "--max-steps", "4", "--equilibrium", "0.9", "--margin", "0.15")
+    r = [x for x in rows(out) if x["kl"]]
+    for x in r:  # the rule written again here: skip Dis below 0.75, Dec above 1.05, both if both
+        real, fake = float(x["dis_real"]), float(x["dis_fake"])
+        dis, dec = min(real, fake) >= 0.75, max(real, fake) <= 1.05
+        want = (1, 1) if not (dis or dec) else (int(dec), int(dis))
+        assert (float(x["dec_step"]), float(x["dis_step"])) == want
+    assert any(float(x["dis_step"]) == 0 for x in r)  # costs near ln 2 < 0.75: the discriminator waited
+    out = run(tmp_path, "--img-size", "16", "--max-steps", "2", "--margin", "none", "--equilibrium", "10",
+              "--real-weight", "none", name="none")
+    for x in [x for x in rows(out) if x["kl"]]:  # every network updated; loss_dis the paper's sum
+        assert float(x["dec_step"]) == float(x["dis_step"]) == 1
+        assert float(x["loss_dis"]) == pytest.approx(float(x["dis_real"]) + 2 * float(x["dis_fake"]), rel=1e-4)
+    assert not unchanged(out, "decoder") and not unchanged(out, "discriminator")
+
+
+def test_log_columns_hold_the_costs_and_finite_gradient_norms(trained):
+    for x in [x for x in rows(trained) if x["kl"]]:
+        assert all(0 < float(x[k]) < math.inf for k in ("gnorm_enc", "gnorm_dec", "gnorm_dis"))
+        # dis_real is the batch mean of -log D(x) >= -log of the mean D(x) (Jensen); the same for the fakes,
+        # whose cost is the mean of -log(1 - D) over x~ and x_p.
+        assert float(x["dis_real"]) >= -math.log(float(x["D(x)"])) - 1e-4
+        fake = -(math.log(1 - float(x["D(x_tilde)"])) + math.log(1 - float(x["D(x_p)"]))) / 2
+        assert float(x["dis_fake"]) >= fake - 1e-4
+        # loss_dis = 2 (w dis_real + (1 - w) dis_fake), w = 1/2 by default
+        assert float(x["loss_dis"]) == pytest.approx(float(x["dis_real"]) + float(x["dis_fake"]), rel=1e-4)
+
+
+@pytest.mark.parametrize("separate, calls", [(True, [16, 16, 16]), (False, [48])])
+def test_separate_dis_shows_the_discriminator_three_batches_instead_of_one(tmp_path, monkeypatch, separate, calls):
+    sizes, forward = [], vaegan.Discriminator.forward
+
+    def counting(self, x, layer=4):
+        if x.device.type != "meta":  # not check_size's dry run
+            sizes.append(x.shape[0])
+        return forward(self, x, layer)
+    monkeypatch.setattr(vaegan.Discriminator, "forward", counting)
+    run(tmp_path, "--img-size", "16", "--max-steps", "1", "--separate-dis" if separate else "--no-separate-dis")
+    # One step on a batch of 16: x, x~, x_p one at a time, or as one batch of 48; then the held-out
+    # pass (eval mode, [x, x~] in batches of 2 x 256 of the 512 held-out images).
+    assert sizes == calls + [512, 512]
+
+
+def test_lr_decay_after_a_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, image_folder):
+    # A folder of 12 images in batches of 4: 3 steps per epoch, lr 1e-3 * 0.5^(epochs done).
+    lrs, step = [], vaegan.train_step
+
+    def spy(nets, opts, *a, **k):
+        lrs.append([g["lr"] for opt in opts for g in opt.param_groups])
+        return step(nets, opts, *a, **k)
+    monkeypatch.setattr(vaegan, "train_step", spy)
+    common = ["--data", str(image_folder), "--data-root", str(tmp_path), "--img-size", "16", "--batch-size", "4",
+              "--lr", "1e-3", "--lr-decay", "0.5", "--epochs", "3"]
+    run(tmp_path, *common)
+    whole, lrs[:] = list(lrs), []
+    out = run(tmp_path, *common, "--max-steps", "4", name="halves")
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--device", "cpu"])  # continues mid-epoch 2
+    assert ckpt(out)["step"] == 9 and lrs == whole
+    assert whole == [[1e-3 * 0.5 ** (i // 3)] * 3 for i in range(9)]
+
+
+def test_checkpoint_records_the_balancing_flags_and_resume_keeps_them(tmp_path, monkeypatch):
+    flags = ["--no-separate-dis", "--real-weight", "0.6", "--margin", "0.2", "--equilibrium", "0.5",
+             "--lr-decay", "0.9"]
+    out = run(tmp_path, "--img-size", "16", "--max-steps", "1", *flags)
+    want = {"separate_dis": False, "real_weight": 0.6, "margin": 0.2, "equilibrium": 0.5, "lr_decay": 0.9}
+    assert {k: ckpt(out)["args"][k] for k in want} == want
+    seen, step = [], vaegan.train_step
+    monkeypatch.setattr(vaegan, "train_step", lambda *a, **k: seen.append(k) or step(*a, **k))
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "2", "--device", "cpu"])
+    assert seen == [{"separate_dis": False, "real_weight": 0.6, "margin": 0.2, "equilibrium": 0.5}]
+    assert {k: ckpt(out)["args"][k] for k in want} == want and ckpt(out)["step"] == 2
+
+
+# ----------------------------------------------------------------------------- sampling flags
+
+def test_recon_samples_are_decode_of_the_mean_code_of_the_first_held_out_images(trained, tmp_path):
+    out = copy_of(trained, tmp_path)
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--recon-samples", "5", "--device", "cpu"])
+    folder = os.path.join(out, "recon_samples")
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(5)]
+    written = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(folder, f"{i:06d}.png"))))
+                           for i in range(5)])
+    assert Image.open(os.path.join(folder, "000000.png")).mode == "L" and written.shape == (5, 16, 16)
+    # By hand: the first 5 held-out images, encoded to mu and decoded, eval mode, [-1, 1] -> uint8.
+    m = vaegan.load_model(os.path.join(out, "ckpt.pt"))
+    x = data.load("fake", split="test", img_size=16, channels=1).images[:5].float() / 127.5 - 1
+    with torch.no_grad():
+        want = ((m.decode(m.encode(x)[0]) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)[:, 0]
+    assert torch.equal(written, want)  # the same batch of 5 on the same device: the same floats
+    assert not os.path.exists(os.path.join(out, "samples"))  # --recon-samples alone draws no prior samples
+
+
+def test_recon_samples_after_training_and_too_many_refused_before_it(tmp_path, monkeypatch):
+    out = run(tmp_path, "--img-size", "16", "--max-steps", "1", "--recon-samples", "3")
+    assert sorted(os.listdir(os.path.join(out, "recon_samples"))) == ["000000.png", "000001.png", "000002.png"]
+    assert Image.open(os.path.join(out, "recon_samples", "000000.png")).size == (16, 16)
+    monkeypatch.setattr(vaegan, "train_step", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit) as e:  # fake has 512 held-out images
+        run(tmp_path, "--img-size", "16", "--max-steps", "1", "--recon-samples", "513")
+    assert e.value.code.startswith("error: --recon-samples 513") and "512 held-out images" in e.value.code
+
+
+def test_temperature_scales_the_prior_samples_only(tmp_path, monkeypatch):
+    calls, decode = [], vaegan.VAEGAN.decode
+    monkeypatch.setattr(vaegan.VAEGAN, "decode", lambda self, z: calls.append(z.clone()) or decode(self, z))
+    out = run(tmp_path, "--img-size", "16", "--max-steps", "1", "--sample", "5", "--temperature", "0.5")
+    assert len(os.listdir(os.path.join(out, "samples"))) == 5
+    # The fixed-z grid is decoded from the saved fixed z, unscaled; the samples from 0.5 * N(0, I) drawn
+    # with the script's generator (seed + 1), i.e. z ~ N(0, 0.25 I).
+    assert any(z.shape == (64, 8) and torch.equal(z, ckpt(out)["fixed_z"]) for z in calls)
+    want = 0.5 * torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(calls[-1], want)
+    assert "temperature" in vaegan.RUNTIME_FLAGS and "recon_samples" in vaegan.RUNTIME_FLAGS  # never restored
