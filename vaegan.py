@@ -261,12 +261,18 @@ def get_args(argv=None):
                    "decode(mu) of the first N held-out images as single PNGs to OUT/recon_samples/")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
+    p.add_argument("--eval-every", type=int, default=0, help="epochs between FID/KID/IS evaluations into "
+                   "OUT/eval.csv, keeping OUT/best.pt (0: off)")
+    p.add_argument("--eval-n", type=int, default=10000, help="generated images per evaluation")
+    p.add_argument("--eval-ref", default=None, help="reference of the evaluations: dataset name, folder, .npy "
+                   "features or .npz statistics (default: the dataset's test split, e.g. mnist:test)")
+    p.add_argument("--weights", default=None, help="the FID Inception weight file (default: torch.hub cache)")
     return p, p.parse_args(argv)
 
 
 # Flags that describe this invocation, never restored from a checkpoint.
 RUNTIME_FLAGS = {"resume", "sample", "device", "amp", "compile", "sync_bn", "max_steps", "out", "temperature",
-                 "recon_samples"}
+                 "recon_samples", "weights"}
 # Flags that fix the networks' shapes (and, --optim, the optimizers' state): a checkpoint only
 # fits networks and optimizers built with its own.
 SHAPE_FLAGS = ["latent_dim", "width", "channels", "img_size", "optim"]
@@ -317,7 +323,8 @@ def check_args(args, ckpt, device, ddp, rank):
         if v < 1:
             sys.exit(f"error: {flag} must be at least 1, got {v}")
     for flag, v in {"--epochs": args.epochs, "--sample": args.sample, "--max-steps": args.max_steps,
-                    "--crop": args.crop or 0, "--recon-samples": args.recon_samples}.items():
+                    "--crop": args.crop or 0, "--eval-every": args.eval_every,
+                    "--recon-samples": args.recon_samples}.items():
         if v < 0:
             sys.exit(f"error: {flag} cannot be negative, got {v}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -339,6 +346,14 @@ def check_args(args, ckpt, device, ddp, rank):
                  f"use one of {', '.join(data.DATASETS)}")
     if args.img_size is not None and args.img_size < 1:
         sys.exit(f"error: --img-size must be a positive multiple of 8, got {args.img_size}")
+    if args.eval_every and args.eval_n < 2:
+        sys.exit(f"error: --eval-n must be at least 2 (FID needs a covariance), got {args.eval_n}")
+    if args.eval_every:
+        try:  # from the name alone: nothing is loaded yet
+            metrics.check_set(args.eval_ref or "")
+        except metrics.MetricsError as e:
+            sys.exit(f"error: --eval-ref: {e}" if args.eval_ref else f"error: --data {args.data} has no test "
+                     "split; give --eval-every its reference with --eval-ref (dataset, folder, .npy or .npz)")
     if ddp and args.sync_bn and device.type != "cuda":  # else SyncBatchNorm raises from inside PyTorch
         sys.exit("error: --sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); "
                  "drop --sync-bn to keep BatchNorm per rank")
@@ -589,6 +604,23 @@ def agree_to_stop(bad, caught, ddp, ckpt_path, where):
     return int(signum)
 
 
+def score_samples(evaluator, model, test_images, args, device, step, epoch):
+    """--eval-every: FID, KID, IS, precision/recall and Laplacian variance (metrics.TrainingEval) of
+    --eval-n prior samples decode(z), z ~ N(0, I), and of the reconstructions decode(mu(x)) of the
+    first --eval-n held-out images: the gap between the two is the VAE's "prior hole". The same z at
+    every evaluation, from their own generator, so that training's random stream is untouched.
+    True when the samples' FID is the lowest yet."""
+    gen = torch.Generator(device).manual_seed(args.seed + 2)
+    sets = {"samples": lambda b: model.decode(torch.randn(b, args.latent_dim, device=device, generator=gen))}
+    if test_images is not None:  # TrainingEval asks for its images EVAL_BATCH at a time, in order
+        held_out = iter(test_images[:args.eval_n].split(metrics.EVAL_BATCH))
+        sets["recon"] = lambda b: model.decode(model.encode(data.to_float(next(held_out)).to(device))[0])
+    model.eval()
+    best = evaluator.evaluate(step, epoch, sets)
+    model.train()
+    return best
+
+
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -606,6 +638,8 @@ def main(argv=None):
     # A resumed run continues in its checkpoint's folder, wherever that folder has moved.
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                             os.path.join("runs", f"vaegan-{os.path.basename(os.path.normpath(args.data))}"))
+    if args.eval_every and args.eval_ref is None and data.has_test_split(args.data):
+        args.eval_ref = f"{args.data}:test"
     check_args(args, ckpt, device, ddp, rank)
     if ddp:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -643,6 +677,19 @@ def main(argv=None):
         recon_x = data.to_float(ds.images[:n_recon - n_recon % row_len]).to(device)
     args.channels = args.channels or 3  # sampling only: the checkpoint normally says
     log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    # --eval-every: the Inception network and the reference are loaded now, so that a missing weight
+    # file or a bad reference stops the run before its first step, not after an epoch.
+    evaluator = None
+    if args.eval_every and train and rank == 0:
+        if test_images is not None and len(test_images) < args.eval_n:
+            sys.exit(f"error: --eval-n {args.eval_n} asks for more reconstructions than the {len(test_images)} "
+                     f"held-out images of {args.data}; lower --eval-n")
+        try:  # VAE-GANs score their reconstructions of held-out images too
+            evaluator = metrics.TrainingEval(args.eval_ref, args.eval_n, args.out, args.weights, device,
+                                             args.data_root, after_step=step if ckpt else None, log=log,
+                                             sets=("samples", "recon") if test_images is not None else ("samples",))
+        except (metrics.MetricsError, data.DataError) as e:
+            sys.exit(f"error: {e}")
 
     # --- Networks: the three (plain, for the checkpoint, evaluation and sampling), one optimizer
     # each, and the copies that train (torch.compile fuses kernels). Data-parallel without DDP:
@@ -730,6 +777,11 @@ def main(argv=None):
                                   nrow=row_len, normalize=True, value_range=(-1, 1))
                 metrics.plot_losses(csv_path, os.path.join(args.out, "losses.png"))
                 save_checkpoint(ckpt_path, model, opts, args, epoch, batch, step, fixed_z)
+                last = epoch == args.epochs or bool(args.max_steps and step >= args.max_steps)
+                if evaluator and not signum and ((batch == 0 and epoch % args.eval_every == 0) or last):
+                    if score_samples(evaluator, model, test_images, args, device, step, label):  # lowest FID yet
+                        save_checkpoint(os.path.join(args.out, "best.pt"), model, opts, args, epoch, batch, step,
+                                        fixed_z)
             if args.max_steps and step >= args.max_steps:
                 break
     if signum:
