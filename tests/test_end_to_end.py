@@ -6,9 +6,7 @@ the 2048 features (test_metrics.py's small_network fixture); the numerics at ful
 tested in test_metrics.py."""
 import importlib
 import json
-import os
 
-import pytest
 from PIL import Image
 
 import latent_edit
