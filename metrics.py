@@ -74,8 +74,27 @@ class MetricsError(ValueError):
     """An expected failure; str(e) is one plain sentence for the user."""
 
 
+_shown_notes = None     # a set inside _each_note_once: the notes printed so far in this run
+
+
 def note(msg):
+    if _shown_notes is not None:
+        if msg in _shown_notes:
+            return
+        _shown_notes.add(msg)
     print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _each_note_once(shown):
+    """Inside: a note already in the set shown is not printed again (TrainingEval: a notice such as
+    "fewer than 2048 images" once per run, not at every evaluation)."""
+    global _shown_notes
+    saved, _shown_notes = _shown_notes, shown
+    try:
+        yield
+    finally:
+        _shown_notes = saved
 
 
 def _reason(e):
@@ -223,7 +242,8 @@ def load_inception(weights=None, device="cpu"):
     except Exception as e:  # noqa: BLE001  (truncated file, not a PyTorch file, pickled code)
         raise MetricsError(f"{path} cannot be read as a PyTorch weights file ({e.__class__.__name__}); "
                            f"download {FID_WEIGHTS_URL} again") from None
-    model = InceptionFID()
+    with torch.random.fork_rng(devices=[]):   # its random init (overwritten below) must not move the
+        model = InceptionFID()                # caller's RNG: a training script's stream stays its own
     if not isinstance(state, dict):
         raise MetricsError(f"{path} does not hold a state dict; it is not {FID_WEIGHTS_FILE}")
     # Files saved before PyTorch 0.4.1 lack BatchNorm's num_batches_tracked (unused in eval mode);
@@ -661,22 +681,39 @@ def _first_n(items, spec, args, what):
     return items[:args.n] if args.n is not None else items
 
 
-def open_set(spec, args):
-    """Where a set comes from: ("npz", stats), ("features", N x d array), ("folder", [paths]) or
-    ("dataset", (name, split)). Files are read here, so that a bad one fails before any long pass."""
+def check_set(spec):
+    """What spec names, from its name alone: "npz", "features", "folder" or "dataset", else a
+    MetricsError. Cheap (reads no file, loads no network): a training script's check_args calls it
+    for --eval-ref."""
     if spec.endswith(".npz"):
         if not os.path.isfile(spec):
             raise MetricsError(f"statistics file {spec} does not exist")
-        return "npz", load_stats(spec)
+        return "npz"
     if spec.endswith(".npy"):
-        return "features", _first_n(load_features(spec), spec, args, "feature vectors")
+        if not os.path.isfile(spec):
+            raise MetricsError(f"features file {spec} does not exist")
+        return "features"
     if os.path.isdir(spec):
-        return "folder", _first_n(data.list_images(spec), spec, args, "images")
+        return "folder"
     name, _, split = spec.partition(":")
-    if name in data.DATASETS:
-        return "dataset", (name, split or "train")
+    if name in data.DATASETS and split in ("", "train", "test"):
+        return "dataset"
     raise MetricsError(f"{spec} is not an image folder, a .npz statistics file, a .npy features file or "
                        f"a dataset name ({', '.join(data.DATASETS)}, optionally with :test)")
+
+
+def open_set(spec, args):
+    """Where a set comes from: ("npz", stats), ("features", N x d array), ("folder", [paths]) or
+    ("dataset", (name, split)). Files are read here, so that a bad one fails before any long pass."""
+    kind = check_set(spec)
+    if kind == "npz":
+        return "npz", load_stats(spec)
+    if kind == "features":
+        return "features", _first_n(load_features(spec), spec, args, "feature vectors")
+    if kind == "folder":
+        return "folder", _first_n(data.list_images(spec), spec, args, "images")
+    name, _, split = spec.partition(":")
+    return "dataset", (name, split or "train")
 
 
 def evaluate_set(spec, opened, args, get_model):
@@ -715,23 +752,30 @@ def evaluate_set(spec, opened, args, get_model):
                  f"for KID and precision/recall")
     model = None if args.lapvar_only else get_model()
     out = compute_features(where, model, args.batch_size, get_model.device, lapvar=True, name=spec)
+    stats = set_stats(spec, out, args.splits)
+    if model is not None and cache is not None:
+        stats["weights_sha256"] = get_model.sha256()
+        try:
+            save_stats(cache, stats, with_features=True)
+        except MetricsError as e:           # the cache only saves time next run: not worth failing for
+            note(f"warning: {e}; the reference statistics are not cached")
+    return stats
+
+
+def set_stats(spec, out, splits=IS_SPLITS):
+    """A set's numbers from its feature pass (compute_features' dict): n, lapvar, lapvar_std and,
+    with pool3 features, mu, sigma, features (N x 2048 float32), is_mean, is_std."""
     stats = {"n": out["n"], "lapvar": float(out["lapvar"].mean()), "lapvar_std": float(out["lapvar"].std())}
-    if model is not None:
+    if out["pool3"] is not None:
         stats["mu"], stats["sigma"] = stats_from_features(out["pool3"])
         stats["features"] = out["pool3"].astype(np.float32)     # lossless: the network's output is float32
-        splits = min(args.splits, out["n"])
-        if splits < args.splits:
-            note(f"note: {spec} has {out['n']} images; the Inception Score uses {splits} splits")
-        stats["is_mean"], stats["is_std"] = inception_score(out["logits"], splits)
+        used = min(splits, out["n"])
+        if used < splits:
+            note(f"note: {spec} has {out['n']} images; the Inception Score uses {used} splits")
+        stats["is_mean"], stats["is_std"] = inception_score(out["logits"], used)
         if out["n"] < FID_DIMS:
             note(f"warning: {spec} has {out['n']} images, fewer than {FID_DIMS}: its covariance is "
                  f"rank-deficient and an FID against it is biased (papers use 10,000-50,000)")
-        if cache is not None:
-            stats["weights_sha256"] = get_model.sha256()
-            try:
-                save_stats(cache, stats, with_features=True)
-            except MetricsError as e:       # the cache only saves time next run: not worth failing for
-                note(f"warning: {e}; the reference statistics are not cached")
     return stats
 
 
@@ -904,8 +948,8 @@ def plot_losses(csv_path, png_path):
     return _draw_losses(*read_losses(csv_path), png_path)
 
 
-def _draw_losses(series, epoch_starts, png_path):
-    panels = _group_panels(series)
+def _draw_losses(series, epoch_starts, png_path, panels=None):
+    panels = panels or _group_panels(series)
     img = Image.new("RGB", (PLOT_W, PANEL_H * len(panels)), "white")
     draw, font = ImageDraw.Draw(img), _font()
     for i, (title, group) in enumerate(panels):
@@ -999,6 +1043,127 @@ def print_results(rows, ref, args):
         print(json.dumps(out, indent=2))
     else:
         print_table(rows)
+
+
+# ------------------------------------------------------------------ evaluation during training (--eval-every)
+
+EVAL_BATCH = 100      # images per call of a set's function and per Inception pass
+# eval.csv columns of each set (prefixed "recon_" etc. for sets other than "samples"): the stats key of each
+EVAL_KEYS = {"fid": "fid", "kid": "kid", "kid_std": "kid_std", "is": "is_mean", "is_std": "is_std",
+             "precision": "precision", "recall": "recall", "lapvar": "lapvar"}
+# eval.png: one panel per measure (their scales differ by orders of magnitude), every set's curve in it
+EVAL_PANELS = (("FID (lower is better)", ("fid",)), ("KID (lower is better)", ("kid",)),
+               ("Inception Score", ("is",)), ("precision (realism) and recall (coverage)", ("precision", "recall")),
+               ("Laplacian variance (higher is sharper)", ("lapvar",)))
+
+
+class TrainingEval:
+    """--eval-every E --eval-n N --eval-ref REF of the model scripts: every E epochs, FID, KID, IS,
+    precision/recall and Laplacian variance of N images made in memory (no PNGs), against a reference
+    computed once; a row of OUT/eval.csv, the curves in OUT/eval.png, and whether the samples' FID is
+    the lowest so far (the script then writes best.pt).
+
+    Made in the script's setup, before the first step, so that a missing network or a bad reference
+    stops the run there: it loads the Inception network (weights as metrics.py --weights) and REF (a
+    dataset name such as mnist:test, cached in DATA_ROOT/cache; an image folder; a .npy features file;
+    or a .npz statistics file, which gives FID only), and starts eval.csv. On resume, after_step (the
+    checkpoint's step) keeps the rows up to that step and the best FID among them.
+    sets: the names evaluate() will be given, "samples" first ("recon" too for a VAE).
+
+    The networks' train/eval mode is the caller's: the script puts them in eval mode before
+    evaluate() and back in train mode after. The randomness is the set functions': each draws its z
+    (or picks its held-out images) with its own torch.Generator, and nothing here draws from the
+    global RNG (IS and KID use their own seeded numpy RandomState), so training continues exactly
+    as it would have without the evaluation."""
+
+    def __init__(self, ref, n, out_dir, weights=None, device="cpu", data_root="data", after_step=None,
+                 sets=("samples",), batch_size=EVAL_BATCH, log=print):
+        check_set(ref)                                   # a bad REF: one sentence, nothing loaded yet
+        if n < 2:
+            raise MetricsError(f"an evaluation needs at least 2 images (FID's covariance), not {n}")
+        self.n, self.sets, self.batch_size, self.log = n, tuple(sets), batch_size, log
+        self.csv, self.png = os.path.join(out_dir, "eval.csv"), os.path.join(out_dir, "eval.png")
+        check_writable(self.csv, "the evaluation log")
+        self.shown = set()                               # notes printed so far: each once per run
+        # What evaluate_set and compare_to_reference read: as `metrics.py SAMPLES --ref REF`.
+        self.args = argparse.Namespace(ref=ref, n=None, lapvar_only=False, batch_size=batch_size,
+                                       splits=IS_SPLITS, data_root=data_root)
+        self.net = LazyInception(weights, device)
+        self.net()                                       # offline without weights: metrics.py's sentence
+        try:
+            with _each_note_once(self.shown):
+                self.ref = evaluate_set(ref, open_set(ref, self.args), self.args, self.net)
+                if self.ref.get("features") is None:
+                    note(f"note: the reference {STATS_ONLY}")
+        except data.DataError as e:                      # e.g. the dataset is not under DATA_ROOT
+            raise MetricsError(str(e)) from None
+        self.columns = ["step", "epoch", "n"] + [self.prefix(name) + column for name in self.sets
+                                                 for column in EVAL_KEYS] + ["seconds"]
+        os.makedirs(out_dir, exist_ok=True)
+        start_log(self.csv, self.columns, after_step)
+        with open(self.csv, newline="") as f:           # the best FID of the rows kept on resume
+            self.best = min((float(r["fid"]) for r in csv.DictReader(f) if r.get("fid")), default=math.inf)
+        self.last = None                                 # the last evaluation's row {column: value}
+
+    @staticmethod
+    def prefix(name):
+        return "" if name == "samples" else f"{name}_"
+
+    def features(self, name, make):
+        """compute_features' dict for self.n images of make(count) -> count x C x H x W in [-1, 1],
+        batch by batch: each batch becomes the pixels that --sample writes (data.write_pngs) and
+        goes through the network at once; only its features are kept, never the n images."""
+        outs, done = [], 0
+        while done < self.n:
+            count = min(self.batch_size, self.n - done)
+            x = make(count)                                                        # B x C x H x W
+            if not isinstance(x, torch.Tensor) or len(x) != count:
+                raise MetricsError(f"{name}: asked for {count} images, got {type(x).__name__} "
+                                   f"{tuple(getattr(x, 'shape', ()))}")
+            u8 = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)   # as data.write_pngs
+            out = compute_features(u8, self.net(), count, self.net.device, lapvar=True, name=name,
+                                   progress=False)
+            out["pool3"] = out["pool3"].astype(np.float32)   # lossless (the network's output is float32)
+            outs.append(out)
+            done += count
+            del x, u8                                    # the batch goes before the next is made
+        return {"n": done, **{k: np.concatenate([o[k] for o in outs]) for k in ("pool3", "logits", "lapvar")}}
+
+    def evaluate(self, step, epoch, make):
+        """Score each set of make ({"samples": fn, "recon": fn}, the names given as sets; fn(count) ->
+        count x C x H x W float images in [-1, 1] on any device, C = 1 or 3), self.n images each,
+        under no_grad and without TF32. Appends a row to eval.csv (step, epoch, n, per set fid, kid,
+        kid_std, is, is_std, precision, recall, lapvar, and the seconds it took), redraws eval.png,
+        logs one line. Returns True when the samples' FID is the lowest so far."""
+        if set(make) != set(self.sets):
+            raise MetricsError(f"evaluate() was given the sets {sorted(make)}, not {sorted(self.sets)}")
+        t0 = time.perf_counter()
+        row = {"step": step, "epoch": epoch, "n": self.n}
+        with torch.no_grad(), _float32_matmuls(), _each_note_once(self.shown):
+            for name in self.sets:
+                stats = set_stats(name, self.features(name, make[name]), self.args.splits)
+                stats.update(compare_to_reference(name, stats, self.ref, self.args, self.net.device))
+                row.update({self.prefix(name) + col: stats.get(key) for col, key in EVAL_KEYS.items()})
+        row["seconds"] = time.perf_counter() - t0
+        log_row(self.csv, [row[c] for c in self.columns])            # None: a blank cell
+        plot_eval(self.csv, self.png)
+        is_best = row["fid"] < self.best
+        self.best, self.last = min(self.best, row["fid"]), row
+        self.log(f"eval step {step} (epoch {epoch}, {self.n} images, {row['seconds']:.1f} s): " + " | ".join(
+            f"{name} FID {_fmt(row[p + 'fid'], '.2f')} KID {_fmt(row[p + 'kid'], '.4f', row[p + 'kid_std'])} "
+            f"IS {_fmt(row[p + 'is'], '.2f', row[p + 'is_std'])} precision {_fmt(row[p + 'precision'], '.3f')} "
+            f"recall {_fmt(row[p + 'recall'], '.3f')} Laplacian var. {_fmt(row[p + 'lapvar'], '.1f')}"
+            for name, p in ((name, self.prefix(name)) for name in self.sets)) + (" (best FID)" if is_best else ""))
+        return is_best
+
+
+def plot_eval(csv_path, png_path):
+    """Draw eval.csv as a PNG: one panel per measure of EVAL_PANELS that has numbers, with each set's
+    curve (fid, recon_fid, ...) in it."""
+    series, epoch_starts = read_losses(csv_path)
+    panels = [(title, [k for k in series if k in columns or k.split("_", 1)[-1] in columns])
+              for title, columns in EVAL_PANELS]
+    return _draw_losses(series, epoch_starts, png_path, [(t, names) for t, names in panels if names])
 
 
 def main(argv=None):

@@ -2,12 +2,15 @@
 and hand computations, the weight-file format, the feature pass, the CLI and the loss plot. CPU
 only, no network: the Inception weights are random, in the format of pytorch-fid's
 pt_inception-2015-12-05-6726825d.pth."""
+import csv
 import json
 import math
 import os
 import pathlib
+import random
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import metrics  # noqa: E402
 
 
@@ -751,3 +755,167 @@ def test_cli_plot_errors_are_one_sentence(case, expected, tmp_path, capsys):
         (tmp_path / "losses.png").mkdir()
     assert expected in cli_error(capsys, "--plot", csv_path)
     assert not (tmp_path / "losses.png").is_file() and not list(tmp_path.glob("*.tmp"))   # nothing drawn
+
+
+# ------------------------------------------------------------------ evaluation during training (TrainingEval)
+
+def in_batches(images):
+    """A set function as the scripts pass them: fn(count) -> the next count images (float, [-1, 1])."""
+    done = [0]
+
+    def make(count):
+        done[0] += count
+        return images[done[0] - count:done[0]].clone()
+    return make
+
+
+def folder_images(folder):
+    """The PNGs of a folder as float images in [-1, 1] (exactly their pixels: (u8 / 127.5 - 1))."""
+    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                        for p in sorted(folder.glob("*.png"))]).float() / 127.5 - 1
+
+
+def eval_rows(out):
+    with open(out / "eval.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_training_eval_equals_the_cli_on_the_pngs_that_sample_writes(channels, small_network, weights_file,
+                                                                       tmp_path, capsys):
+    r = make_folder(tmp_path / "r", 12, 0, size=16, mode="L" if channels == 1 else "RGB")
+    g = torch.Generator().manual_seed(channels)
+    samples = torch.rand(10, channels, 16, 16, generator=g) * 2.2 - 1.1    # outside [-1, 1] too: clamped
+    near = folder_images(r)[:10, :channels]                                # the reference's, plus noise
+    recon = near + 0.05 * torch.randn(near.shape, generator=g)
+    ev = metrics.TrainingEval(str(r), 10, tmp_path / "run", weights=weights_file, device="cpu",
+                              data_root=tmp_path / "data", sets=("samples", "recon"), batch_size=4)
+    ev.evaluate(7, 1, {"samples": in_batches(samples), "recon": in_batches(recon)})
+    assert capsys.readouterr().out.startswith("eval step 7 (epoch 1, 10 images, ")     # the log line
+    data.write_pngs(samples, tmp_path / "samples")            # what --sample and --recon-samples write
+    data.write_pngs(recon, tmp_path / "recon_samples")
+    res = json.loads(run_cli(capsys, tmp_path / "samples", tmp_path / "recon_samples", "--ref", r, "--json",
+                             "--batch-size", 4, "--weights", weights_file, "--device", "cpu").out)
+    row = eval_rows(tmp_path / "run")[0]
+    assert list(row) == ["step", "epoch", "n"] + [p + c for p in ("", "recon_") for c in metrics.EVAL_KEYS] + \
+        ["seconds"]
+    assert (row["step"], row["epoch"], row["n"]) == ("7", "1", "10") and float(row["seconds"]) > 0
+    for prefix, folder in (("", "samples"), ("recon_", "recon_samples")):
+        cli = res[str(tmp_path / folder)]
+        for column, key in metrics.EVAL_KEYS.items():
+            assert cli[key] is not None
+            assert ev.last[prefix + column] == pytest.approx(cli[key], rel=1e-6), (prefix, column)
+            assert float(row[prefix + column]) == pytest.approx(cli[key], rel=1e-5)   # 6 digits in the csv
+
+
+def test_training_eval_log_best_checkpoint_and_resume(small_network, weights_file, tmp_path):
+    r = make_folder(tmp_path / "r", 12, 0)
+    good = folder_images(r)                                       # the reference's own images: FID ~ 0
+    bad = folder_images(make_folder(tmp_path / "b", 12, 3))       # much brighter noise
+    kw = dict(weights=weights_file, device="cpu", data_root=tmp_path / "data")
+    out = tmp_path / "run"
+    ev = metrics.TrainingEval(str(r), 12, out, **kw)
+    assert [ev.evaluate(10, 1, {"samples": in_batches(bad)}), ev.evaluate(20, 2, {"samples": in_batches(good)}),
+            ev.evaluate(30, 3, {"samples": in_batches(bad)})] == [True, True, False]
+    rows = eval_rows(out)
+    fid = [float(row["fid"]) for row in rows]
+    assert [row["step"] for row in rows] == ["10", "20", "30"] and fid[1] < 0.01 * fid[0]
+    assert fid[2] == pytest.approx(fid[0], rel=1e-5)                # the same images, the same numbers
+    with Image.open(out / "eval.png") as img:                     # FID, KID, IS, P/R, Laplacian var.
+        img.verify()
+        assert img.format == "PNG" and img.size == (metrics.PLOT_W, 5 * metrics.PANEL_H)
+    # Resume from a checkpoint of step 20: row 30 (logged after it) goes, the best is step 20's.
+    ev = metrics.TrainingEval(str(r), 12, out, after_step=20, **kw)
+    assert [row["step"] for row in eval_rows(out)] == ["10", "20"] and ev.best == fid[1]
+    assert ev.evaluate(30, 3, {"samples": in_batches(bad)}) is False
+    # Resume from step 10: the best is step 10's FID, which the good images beat.
+    ev = metrics.TrainingEval(str(r), 12, out, after_step=10, **kw)
+    assert [row["step"] for row in eval_rows(out)] == ["10"] and ev.best == fid[0]
+    assert ev.evaluate(20, 2, {"samples": in_batches(good)}) is True
+    assert [row["step"] for row in eval_rows(out)] == ["10", "20"]
+    metrics.TrainingEval(str(r), 12, out, **kw)                   # a new run: a new log
+    assert eval_rows(out) == []
+
+
+def test_training_eval_statistics_reference_gives_fid_only_and_notes_once(small_network, weights_file, tmp_path,
+                                                                          capsys):
+    r = make_folder(tmp_path / "r", 12, 0)
+    run_cli(capsys, r, "--save-stats", tmp_path / "r.npz", "--weights", weights_file, "--device", "cpu")
+    images = folder_images(make_folder(tmp_path / "a", 10, 1))
+    ev = metrics.TrainingEval(str(tmp_path / "r.npz"), 10, tmp_path / "run", weights=weights_file, device="cpu")
+    for step in (5, 10):
+        ev.evaluate(step, step // 5, {"samples": in_batches(images)})
+    err = capsys.readouterr().err
+    for row in eval_rows(tmp_path / "run"):
+        assert [row[k] for k in ("kid", "kid_std", "precision", "recall")] == [""] * 4
+        assert float(row["fid"]) > 0 and float(row["is"]) >= 1 and float(row["lapvar"]) > 0
+    assert err.count("note: the reference is statistics only") == 1
+    assert err.count("warning: samples has 10 images, fewer than 2048") == 1     # once per run, not per epoch
+    with Image.open(tmp_path / "run" / "eval.png") as img:                       # FID, IS, Laplacian var.
+        assert img.size == (metrics.PLOT_W, 3 * metrics.PANEL_H)
+
+
+def test_training_eval_dataset_reference_is_computed_once_and_cached(monkeypatch, small_network, weights_file,
+                                                                    tmp_path, capsys):
+    monkeypatch.setitem(data.FAKE_SIZE, "test", 24)             # a small fake:test
+    kw = dict(weights=weights_file, device="cpu", data_root=tmp_path / "data")
+    first = metrics.TrainingEval("fake:test", 10, tmp_path / "run", **kw)
+    assert (tmp_path / "data" / "cache" / "fid_stats_fake-test_24.npz").is_file()
+    capsys.readouterr()
+    again = metrics.TrainingEval("fake:test", 10, tmp_path / "run", **kw)
+    assert "reference statistics and features from" in capsys.readouterr().err
+    assert np.array_equal(again.ref["features"], first.ref["features"]) and len(first.ref["features"]) == 24
+
+
+def test_training_eval_bad_reference_or_no_network_fails_before_any_work(no_feature_pass, weights_file,
+                                                                         monkeypatch, tmp_path, capsys):
+    a = make_folder(tmp_path / "a", 2, 0)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text.npy").write_text("not features")
+    cheap = [str(tmp_path / "absent.npy"), str(tmp_path / "absent.npz"), "nowhere", "mnist:valid"]
+    for ref in cheap + [str(tmp_path / "empty"), str(tmp_path / "text.npy")]:
+        with pytest.raises(metrics.MetricsError) as err:
+            metrics.TrainingEval(ref, 10, tmp_path / "run", weights=weights_file, device="cpu")
+        # the sentence of `metrics.py SAMPLES --ref REF`
+        assert cli_error(capsys, a, "--ref", ref, "--weights", weights_file, "--device", "cpu") == f"error: {err.value}"
+        if ref in cheap:                                          # the scripts' check_args: nothing read
+            with pytest.raises(metrics.MetricsError, match=str(err.value).split(" ")[0]):
+                metrics.check_set(ref)
+    for ref in (str(a), str(tmp_path / "empty"), "mnist", "cifar10:test", "fake:train"):
+        metrics.check_set(ref)
+    with pytest.raises(metrics.MetricsError, match="at least 2 images"):
+        metrics.TrainingEval(str(a), 1, tmp_path / "run", weights=weights_file, device="cpu")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))               # offline, no weights (see the test above)
+    monkeypatch.setattr(metrics, "FID_WEIGHTS_URL", "http://127.0.0.1:9/" + metrics.FID_WEIGHTS_FILE)
+    with pytest.raises(metrics.MetricsError) as err:
+        metrics.TrainingEval(str(a), 10, tmp_path / "run", device="cpu")
+    assert cli_error(capsys, a, "--device", "cpu") == f"error: {err.value}"
+    assert not (tmp_path / "run").exists()                        # no eval.csv started
+
+
+def test_training_eval_keeps_one_batch_without_grad_tf32_or_the_global_rng(small_network, weights_file, tmp_path):
+    r = make_folder(tmp_path / "r", 12, 0)
+    rng = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    ev = metrics.TrainingEval(str(r), 10, tmp_path / "run", weights=weights_file, device="cpu", batch_size=4)
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    made, seen = [], []
+    handle = ev.net().register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
+    gen = torch.Generator().manual_seed(0)
+
+    def make(count):
+        assert all(ref() is None for ref in made)                 # every earlier batch was let go
+        assert not torch.is_grad_enabled() and flags() == (False, False)
+        x = torch.rand(count, 3, 12, 12, generator=gen) * 2 - 1   # its own generator
+        made.append(weakref.ref(x))
+        return x
+
+    saved = flags()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True    # as a training script may
+    try:
+        ev.evaluate(1, 1, {"samples": make})            # neither it nor the set-up moved the global RNGs
+        assert torch.equal(torch.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
+        assert random.getstate() == rng[2] and flags() == (True, True)
+    finally:
+        handle.remove()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert len(made) == 3 and seen == [4, 4, 2]                  # 10 images, 4 at a time
