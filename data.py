@@ -69,6 +69,12 @@ def to_float(u8):
     return u8.float().div_(127.5).sub_(1)
 
 
+def to_uint8(images):
+    """[-1, 1] float images -> uint8 pixels round((x + 1) * 127.5), clamped to [0, 255]: what
+    write_pngs writes, and what metrics.py scores in memory during training."""
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 # ---------------------------------------------------------------- fake: synthetic shapes
 FAKE_SIZE = {"train": 2048, "test": 512}
 FAKE_ATTRS = ["Bright", "Large", "Striped"]
@@ -155,7 +161,7 @@ def write_pngs(images, folder, first=0):
     `first`: the single images metrics.py reads. A failed write (a full disk) raises DataError
     and leaves no partial file behind."""
     os.makedirs(folder, exist_ok=True)
-    u8 = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+    u8 = to_uint8(images).cpu()
     for j, img in enumerate(u8):
         path = os.path.join(folder, f"{first + j:06d}.png")
         try:

@@ -563,9 +563,13 @@ def score_samples(evaluator, G, args, device, step, epoch):
     in eval mode (metrics.TrainingEval), the same z at every evaluation, drawn from their own
     generator so that training's random stream is untouched. True when the FID is the lowest yet."""
     gen = torch.Generator(device).manual_seed(args.seed + 2)
+    samples = lambda b: G(torch.randn(b, args.latent_dim, device=device, generator=gen))  # b x C x S x S
     G.eval()
-    best = evaluator.evaluate(step, epoch, {"samples": lambda b: G(torch.randn(b, args.latent_dim, device=device,
-                                                                                generator=gen))})
+    try:
+        best = evaluator.evaluate(step, epoch, {"samples": samples})
+    except metrics.MetricsError as e:  # e.g. FID's square root of a degenerate covariance: a lost row, not a lost run
+        print(f"warning: the evaluation at step {step} failed ({e}); training goes on", file=sys.stderr)
+        best = False
     G.train()
     return best
 

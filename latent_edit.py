@@ -259,14 +259,6 @@ def save_grid(images, path, nrow, padding=2):
     vutils.save_image(images, path, nrow=nrow, padding=padding, normalize=True, value_range=(-1, 1))
 
 
-def save_pngs(images, folder):
-    """One PNG per image (000000.png, ...), 1-channel images stay grayscale: input for metrics.py."""
-    os.makedirs(folder, exist_ok=True)
-    u8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    for i, img in enumerate(u8):
-        to_pil_image(img).save(os.path.join(folder, f"{i:06d}.png"))
-
-
 # -----------------------------------------------------------------------------
 # Attributes and attribute vectors.
 
@@ -373,7 +365,10 @@ def cmd_attribute(model, ckpt, args, device):
     save_grid(torch.cat([data.to_float(ds.images[pick]), recon, *edits]), args.out, len(pick))
     if args.save_dir:
         for (folder, _), imgs in zip(shifts, edits):
-            save_pngs(imgs, os.path.join(args.save_dir, folder))
+            try:  # one PNG per image, 1-channel images stay grayscale: input for metrics.py
+                data.write_pngs(imgs, os.path.join(args.save_dir, folder))
+            except data.DataError as e:
+                raise EditError(str(e)) from None
         print(f"wrote {len(pick)} edited images to each of {', '.join(f for f, _ in shifts)} in {args.save_dir}")
 
 
@@ -660,7 +655,7 @@ def reference(args, ckpt):
 def measure(images, label, ref):
     """{n, lapvar, and with ref = reference(): fid, kid, kid_std, precision, recall} of [-1, 1] images,
     computed in memory with metrics.py's functions on the uint8 pixels data.write_pngs would write."""
-    u8 = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    u8 = data.to_uint8(images)
     ref_stats, margs, net = ref or (None, None, None)
     try:
         out = metrics.compute_features(u8, net() if ref else None, device=net.device if ref else "cpu",

@@ -1120,7 +1120,7 @@ class TrainingEval:
             if not isinstance(x, torch.Tensor) or len(x) != count:
                 raise MetricsError(f"{name}: asked for {count} images, got {type(x).__name__} "
                                    f"{tuple(getattr(x, 'shape', ()))}")
-            u8 = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)   # as data.write_pngs
+            u8 = data.to_uint8(x)                                                  # as data.write_pngs
             out = compute_features(u8, self.net(), count, self.net.device, lapvar=True, name=name,
                                    progress=False)
             out["pool3"] = out["pool3"].astype(np.float32)   # lossless (the network's output is float32)

@@ -485,7 +485,11 @@ def score_samples(evaluator, model, test_images, args, device, step, epoch):
         held_out = iter(test_images[:args.eval_n].split(metrics.EVAL_BATCH))
         sets["recon"] = lambda b: model.decode(model.encode(data.to_float(next(held_out)).to(device))[0])
     model.eval()
-    best = evaluator.evaluate(step, epoch, sets)
+    try:
+        best = evaluator.evaluate(step, epoch, sets)
+    except metrics.MetricsError as e:  # e.g. FID's square root of a degenerate covariance: a lost row, not a lost run
+        print(f"warning: the evaluation at step {step} failed ({e}); training goes on", file=sys.stderr)
+        best = False
     model.train()
     return best
 

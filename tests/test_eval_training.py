@@ -121,3 +121,16 @@ def test_eval_ref_defaults_to_the_test_split(tmp_path, weights_file, data_root, 
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["args"]["eval_ref"] == "fake:test"
     assert any(p.name.startswith("fid_stats_fake-test") for p in (data_root / "cache").iterdir())
     assert metrics.FID_WEIGHTS_FILE in str(weights_file)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_failed_evaluation_is_a_warning_and_training_goes_on(script, tmp_path, weights_file, data_root,
+                                                               small_network, monkeypatch, capsys):
+    def degenerate(*a, **k):
+        raise metrics.MetricsError("the product of the covariances has no real square root")
+    monkeypatch.setattr(metrics, "frechet_distance", degenerate)
+    evaluated(script, tmp_path, weights_file, data_root, "--epochs", "2")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 2 and rows(tmp_path) == []
+    assert capsys.readouterr().err.count("failed (the product of the covariances has no real square root); "
+                                         "training goes on") == 2
+    assert not (tmp_path / "best.pt").exists()
