@@ -243,8 +243,8 @@ def get_args(argv=None):
     p.add_argument("--d-filter", type=float, default=None, help="--sample: write only sigmoid(D) >= P (None: off)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
-    p.add_argument("--eval-every", type=int, default=0, help="epochs between FID/KID/IS evaluations into "
-                   "OUT/eval.csv, keeping OUT/best.pt (0: off)")
+    p.add_argument("--eval-every", type=int, default=None, help="epochs between FID/KID/IS evaluations into "
+                   "OUT/eval.csv, keeping OUT/best.pt (None or 0: off; --resume keeps the checkpoint's)")
     p.add_argument("--eval-n", type=int, default=10000, help="generated images per evaluation")
     p.add_argument("--eval-ref", default=None, help="reference of the evaluations: dataset name, folder, .npy "
                    "features or .npz statistics (default: the dataset's test split, e.g. mnist:test)")
@@ -595,6 +595,7 @@ def main(argv=None):
     if args.img_size is None:
         args.img_size = size or (64 if args.data == "celeba" else 32)
     args.channels = args.channels or channels
+    args.eval_every = args.eval_every or 0  # after restore_args: an explicit 0 turns a resumed run's off
     if args.eval_every and args.eval_ref is None and data.has_test_split(args.data):
         args.eval_ref = f"{args.data}:test"
     check_args(args, ckpt, device, ddp, rank)

@@ -897,7 +897,10 @@ def start_log(csv_path, columns, after_step=None):
     rows = []
     if after_step is not None and os.path.exists(csv_path):
         with open(csv_path, newline="") as f:
-            rows = [r for r in list(csv.reader(f))[1:] if r and int(r[0]) <= after_step]
+            header, *old = list(csv.reader(f)) or [[]]
+        rows = [r for r in old if r and int(r[0]) <= after_step]
+        if header != columns:  # written by an older version of the script: each value under its own name
+            rows = [[dict(zip(header, r)).get(c, "") for c in columns] for r in rows]
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([columns] + rows)
 

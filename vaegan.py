@@ -261,8 +261,8 @@ def get_args(argv=None):
                    "decode(mu) of the first N held-out images as single PNGs to OUT/recon_samples/")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
     p.add_argument("--log-every", type=int, default=50, help="optimizer steps between log lines")
-    p.add_argument("--eval-every", type=int, default=0, help="epochs between FID/KID/IS evaluations into "
-                   "OUT/eval.csv, keeping OUT/best.pt (0: off)")
+    p.add_argument("--eval-every", type=int, default=None, help="epochs between FID/KID/IS evaluations into "
+                   "OUT/eval.csv, keeping OUT/best.pt (None or 0: off; --resume keeps the checkpoint's)")
     p.add_argument("--eval-n", type=int, default=10000, help="generated images per evaluation")
     p.add_argument("--eval-ref", default=None, help="reference of the evaluations: dataset name, folder, .npy "
                    "features or .npz statistics (default: the dataset's test split, e.g. mnist:test)")
@@ -294,6 +294,11 @@ def read_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("script") != "vaegan":
         script = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise ValueError(f"{path} was not written by vaegan.py (script: {script!r}); use that script with it")
+    # A checkpoint from before issue #17's flags trained the original way: one joint discriminator
+    # batch, the paper's plain sum, no balancing, no decay. It resumes that way.
+    for k, v in {"separate_dis": False, "real_weight": None, "margin": None, "equilibrium": 0.68,
+                 "lr_decay": 1.0}.items():
+        ckpt["args"].setdefault(k, v)
     return ckpt
 
 
@@ -642,6 +647,7 @@ def main(argv=None):
     # A resumed run continues in its checkpoint's folder, wherever that folder has moved.
     args.out = args.out or (os.path.dirname(os.path.abspath(args.resume)) if args.resume else
                             os.path.join("runs", f"vaegan-{os.path.basename(os.path.normpath(args.data))}"))
+    args.eval_every = args.eval_every or 0  # after restore_args: an explicit 0 turns a resumed run's off
     if args.eval_every and args.eval_ref is None and data.has_test_split(args.data):
         args.eval_ref = f"{args.data}:test"
     check_args(args, ckpt, device, ddp, rank)

@@ -134,3 +134,12 @@ def test_a_failed_evaluation_is_a_warning_and_training_goes_on(script, tmp_path,
     assert capsys.readouterr().err.count("failed (the product of the covariances has no real square root); "
                                          "training goes on") == 2
     assert not (tmp_path / "best.pt").exists()
+
+
+def test_eval_every_0_turns_a_resumed_runs_evaluation_off(tmp_path, weights_file, data_root, small_network,
+                                                          monkeypatch, no_network):
+    evaluated("dcgan", tmp_path, weights_file, data_root, "--epochs", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no weights here: an evaluation would fail
+    importlib.import_module("dcgan").main(["--resume", str(tmp_path / "ckpt.pt"), "--epochs", "2", "--device", "cpu",
+                                           "--eval-every", "0"])
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["epoch"] == 2 and len(rows(tmp_path)) == 1

@@ -485,3 +485,28 @@ def test_temperature_scales_the_prior_samples_only(tmp_path, monkeypatch):
     want = 0.5 * torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(calls[-1], want)
     assert "temperature" in vaegan.RUNTIME_FLAGS and "recon_samples" in vaegan.RUNTIME_FLAGS  # never restored
+
+
+def test_a_checkpoint_from_before_the_balancing_flags_resumes_the_original_way(trained, tmp_path, capsys):
+    """A run saved before --separate-dis/--real-weight/--margin/--lr-decay existed trained with one joint
+    discriminator batch, the plain sum and no balancing: it must resume that way, and its old losses.csv
+    rows (without the new columns) must keep each value under its own column."""
+    out = copy_of(trained, tmp_path)
+    state = ckpt(out)
+    for k in ("separate_dis", "real_weight", "margin", "equilibrium", "lr_decay"):
+        del state["args"][k]
+    torch.save(state, os.path.join(out, "ckpt.pt"))
+    new = {"dis_real", "dis_fake", "dec_step", "dis_step", "gnorm_enc", "gnorm_dec", "gnorm_dis"}
+    before = [{k: v for k, v in r.items() if k not in new} for r in rows(out)]
+    with open(os.path.join(out, "losses.csv"), "w") as f:  # the log as the old script wrote it
+        f.write(",".join(c for c in COLUMNS if c not in new) + "\n")
+        f.writelines(",".join(r[c] for c in COLUMNS if c not in new) + "\n" for r in before)
+    capsys.readouterr()
+    vaegan.main(["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "3", "--device", "cpu"])
+    assert "separate_dis=False real_weight=None margin=None" in capsys.readouterr().out
+    assert {k: ckpt(out)["args"][k] for k in ("separate_dis", "real_weight", "margin", "lr_decay")} == \
+        {"separate_dis": False, "real_weight": None, "margin": None, "lr_decay": 1.0}
+    after = rows(out)
+    assert [{k: r[k] for k in before[0]} for r in after[:len(before)]] == before
+    assert all(r[c] == "" for r in after[:len(before)] for c in new)
+    assert [r["step"] for r in after[len(before):] if r["dis_real"] != ""] == ["3"]  # the resumed step has them
