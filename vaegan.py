@@ -748,7 +748,7 @@ def main(argv=None):
                 if step % args.log_every == 0 or at_max or (caught and not ddp):
                     signum = agree_to_stop(bad, caught, ddp, ckpt_path, f"by step {step}")
                     rate = seen / (time.perf_counter() - t0)
-                    v = {k: t[k].item() for k in LOGGED}
+                    v = dict(zip(LOGGED, torch.stack([t[k].detach().float() for k in LOGGED]).tolist()))  # one sync
                     eta = (args.epochs * n - epoch * n - batch - 1) * x.shape[0] * world / rate
                     log(f"[{epoch + 1}/{args.epochs}][{batch + 1}/{n}] step {step} KL {v['kl']:.2f} "
                         f"feat_mse {v['feat_mse']:.4f} pixel_mse {v['pixel_mse']:.2f}  Loss_D {v['loss_dis']:.3f} "

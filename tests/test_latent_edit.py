@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import latent_edit
+from test_metrics import weights_file  # noqa: F401  (a pytest fixture: random weights in the real file's format)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 S = 16  # image side of every tiny checkpoint
@@ -762,19 +763,8 @@ def test_gmm_prior_is_fitted_to_the_training_codes_cached_and_refitted_for_a_new
 
 
 @pytest.fixture(scope="module")
-def fid_weights(tmp_path_factory):
-    """Random weights in the format of pytorch-fid's file (as tests/test_metrics.py makes them): the numbers
-    are not FIDs of any meaning, but the same network on both paths that are compared."""
-    import torchvision
-    torch.manual_seed(0)
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
-    state = net.state_dict()
-    for key, value in state.items():
-        if key.endswith("conv.weight"):
-            value.mul_(math.sqrt(6))
-    path = tmp_path_factory.mktemp("weights") / latent_edit.metrics.FID_WEIGHTS_FILE
-    torch.save(state, path)
-    return path
+def fid_weights(weights_file):  # noqa: F811  (tests/test_metrics.py's random weights in the real file's format)
+    return weights_file
 
 
 def test_sample_json_measures_each_setting_as_metrics_py_measures_its_pngs(ckpt, tmp_path, fid_weights, monkeypatch,
