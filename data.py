@@ -1,38 +1,49 @@
-"""data.py: datasets -> cached uint8 tensors -> shuffled float batches on the device.
+"""data.py: datasets -> cached uint8 tensors -> shuffled float batches on the device; and the machinery of
+a training run that every model script shares (its flags, device, checkpoint, position and stop signals).
 
     ds = data.load("celeba", root="data", img_size=64)    # ImageSet; ds.images: uint8 N x C x H x W
     loader = data.Loader(ds.images, 128, "cuda", flip=True)
     for x in loader.epoch(epoch): ...                       # float32 in [-1, 1] on the device
 
-Sources: mnist, fashion-mnist, cifar10 (torchvision's downloaders, into <root>), celeba
-(<root>/celeba in torchvision's or Kaggle's layout, see CELEBA_FILES), any folder of images
-(recursive; optional attributes.csv of filename,attr1,... with 1/0 or 1/-1), and fake
-(synthetic, made in memory).
+Sources: mnist, fashion-mnist, cifar10 (torchvision's downloaders, into <root>), celeba (<root>/celeba in
+torchvision's or Kaggle's layout, see CELEBA_FILES), any folder of images (recursive; optional
+attributes.csv of filename,attr1,... with 1/0 or 1/-1), and fake (synthetic, made in memory).
 
 Every image goes one way: to L or RGB (grayscale and palette expanded, 16-bit scaled to 8 bits,
-transparency composited on black), center-cropped to crop x crop if asked (108: the usual CelebA
-face crop), the shorter side resized to img_size with antialiased bilinear (torchvision's Resize
-on PIL images), center-cropped to img_size x img_size. The first load of a dataset, split and
-size decodes all images once, in worker processes, into <root>/cache/<name>-...-<hash>.npy (+ .npz:
-labels, attributes, names); later loads memory-map it. The hash covers the settings and every
-source file's path, size, mtime and ctime, so a changed folder is decoded again, and so is one
-whose unreadable files were made readable (chmod and chown change the ctime); old caches stay until
-you delete <root>/cache. Progress and warnings go to stderr; expected failures raise DataError.
+transparency composited on black), center-cropped to crop x crop if asked (108: the usual CelebA face
+crop), the shorter side resized to img_size with antialiased bilinear (torchvision's Resize on PIL
+images), center-cropped to img_size x img_size. The first load of a dataset, split and size decodes all
+images once, in worker processes, into <root>/cache/<name>-...-<hash>.npy (+ .npz: labels, attributes,
+names); later loads memory-map it. The hash covers the settings and every source file's path, size,
+mtime and ctime (chmod and chown change the ctime: a file made readable is decoded again). Progress and
+warnings go to stderr; expected failures raise DataError.
 """
+import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
+import pickle
 import shutil
+import signal
 import socket
 import sys
+import tempfile
+import threading
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision.utils as vutils
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "celeba", "fake")
 DEFAULT_IMG_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "celeba": 64, "fake": 32}
@@ -41,8 +52,20 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
 DOWNLOAD_TIMEOUT_S = 15  # socket timeout of the downloads (as in metrics.py): a silent server fails fast
 
 
-class DataError(Exception):
-    """An expected data problem; str(e) is one plain sentence for the user."""
+class DataError(ValueError):
+    """An expected problem; str(e) is one plain sentence for the user."""
+
+
+def fail(msg):
+    """End the process with one sentence and exit status 1: how every expected failure of a script ends."""
+    sys.exit(f"error: {msg}")
+
+
+def interrupted(what):
+    """Ctrl-C outside the training loop (decoding the cache, the reference's feature pass, writing samples):
+    one sentence and exit 130, as a shell expects, instead of a traceback."""
+    print(f"error: stopped by Ctrl-C {what}", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 @dataclasses.dataclass
@@ -350,6 +373,26 @@ def _decode_chunk(job):
     return np.delete(out, [i for i, _ in bad], axis=0), bad
 
 
+def _worker_start(parent):
+    """In each decoding process: Ctrl-C at a terminal reaches the whole process group, but only the parent
+    acts on it (it stops the pool, which lets the workers finish their chunk and end); and a worker ends
+    as soon as its parent is gone (killed with -9), instead of living on re-parented."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def cpu_count():
+    """The CPUs this process may use: its affinity where the system has one (Linux), else all of them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 DECODE_CHUNK = 256  # images per job sent to a worker process
 
 
@@ -358,8 +401,9 @@ def _decode(source, out, size, crop, channels, workers, verbose):
     worker processes); returns the indices of the decoded items."""
     n, step = len(source.items), DECODE_CHUNK
     jobs = [(source.items[i:i + step], size, crop, channels) for i in range(0, n, step)]
-    workers = workers or min(8, len(os.sched_getaffinity(0)))
-    pool = ProcessPoolExecutor(workers) if workers > 1 and n > 4 * step else None
+    workers = workers or min(8, cpu_count())
+    pool = ProcessPoolExecutor(workers, initializer=_worker_start, initargs=(os.getpid(),)) \
+        if workers > 1 and n > 4 * step else None
     kept, bad, t0, shown = [], [], time.time(), 0.0
     try:
         for j, (chunk, errors) in enumerate((pool.map if pool else map)(_decode_chunk, jobs)):
@@ -385,12 +429,11 @@ def _decode(source, out, size, crop, channels, workers, verbose):
 
 # ---------------------------------------------------------------- the cache
 CACHE_VERSION = 1
+TEMP_KINDS = ("tmp", "part", "meta")   # <cache file>.<pid>.<kind>: a build's temporary files
 
 
 def _cache_key(source, split, size, crop, channels):
-    """Hash of everything the cached array depends on: settings and each file's path, size, mtime
-    and ctime. The ctime changes with chmod and chown too: a file skipped as unreadable when the
-    cache was built, and made readable since, gives another key."""
+    """Hash of everything the cached array depends on: settings and each file's path, size, mtime and ctime."""
     h = hashlib.sha256(repr((CACHE_VERSION, source.name, split, size, crop, channels)).encode())
     for f in source.files:
         try:
@@ -401,20 +444,56 @@ def _cache_key(source, split, size, crop, channels):
     return h.hexdigest()[:16]
 
 
+def _alive(pid):
+    if os.name != "posix":  # (os.kill would end the process on Windows): assume it still runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        pass
+    return True
+
+
+def _remove_stale(folder):
+    """The temporary files of cache builds whose process is gone (killed with -9, a power cut)."""
+    for p in folder.glob("*.*.*") if folder.is_dir() else []:
+        _, pid, kind = p.name.rsplit(".", 2)
+        if kind in TEMP_KINDS and pid.isdigit() and not _alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
+def _allocate(path, start, size):
+    """Give bytes start .. size of the file their disk blocks now. The cache is written through a memory
+    map, whose blocks a sparse file would only claim when written: a disk that another writer fills
+    meanwhile would then end the process with a bus error instead of an OSError here."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), start, size - start)
+        except (AttributeError, OSError) as e:  # no posix_fallocate (macOS, Windows) or not on this file system
+            if isinstance(e, OSError) and e.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: write zeros instead
+                raise
+            f.seek(start)
+            for done in range(start, size, 1 << 26):
+                f.write(bytes(min(1 << 26, size - done)))
+
+
 def _build(source, path, size, crop, channels, workers, verbose):
     """Decode source into path (.npy images) and path.npz (labels, attrs, names as json), each
     written to a temporary file and renamed into place; no temporary file outlives a failure."""
     n, t0 = len(source.items), time.time()
-    tmp, part, meta = (path.with_name(f"{path.name}.{os.getpid()}.{ext}") for ext in ("tmp", "part", "meta"))
+    tmp, part, meta = (path.with_name(f"{path.name}.{os.getpid()}.{kind}") for kind in TEMP_KINDS)
     need = n * (channels * size * size + 64) + 2 ** 26      # images, labels and attributes, 64 MiB to spare
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(path.parent).free
-        if free < need:  # the memory map is a sparse file: a full disk would end in a bus error
+        if free < need:
             raise DataError(f"the image cache of {source.name} needs {need / 1e9:.2f} GB but only "
                             f"{free / 1e9:.2f} GB is free in {path.parent}; free some space or use "
                             f"--data-root on another disk")
         out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, channels, size, size))
+        _allocate(tmp, out.offset, out.offset + out.nbytes)
         kept = _decode(source, out, size, crop, channels, workers, verbose)
         out.flush()
         if len(kept) < n:                                  # drop the rows of unreadable files
@@ -428,7 +507,7 @@ def _build(source, path, size, crop, channels, workers, verbose):
             np.savez(f, names=np.array(names), **arrays)
         os.replace(meta, path.with_suffix(".npz"))
         os.replace(tmp, path)
-    except OSError as e:  # a read-only folder, no space left after all, a quota, a disk error
+    except OSError as e:  # a read-only folder, a full disk, a quota, a disk error
         raise DataError(f"cannot write the image cache in {path.parent} ({_reason(e)}); "
                         f"use another --data-root or free some space") from None
     finally:
@@ -475,6 +554,7 @@ def load(name_or_folder, root="data", split="train", img_size=None, channels=Non
     key = _cache_key(source, split, size, crop, channels)
     path = pathlib.Path(cache_dir or root / "cache") / \
         f"{source.name}-{split}-{size}px-{channels}ch{f'-crop{crop}' if crop else ''}-{key}.npy"
+    _remove_stale(path.parent)
     if not (path.is_file() and path.with_suffix(".npz").is_file()):
         _build(source, path, size, crop, channels, workers, verbose)
     elif verbose:
@@ -530,10 +610,10 @@ class Loader:
         return x
 
     def epoch(self, epoch=0, start=0):
-        """The batches of one epoch: the permutation of seed + epoch, this rank's shard of it.
-        With flip, each image is mirrored with probability 1/2; the mirrored ones are put first in
-        their batch, so that one in-place slice flip on the device does them all. start: resume
-        part-way, yielding batches start, start + 1, ... of the same epoch."""
+        """The batches of one epoch: the permutation of seed + epoch, this rank's shard of it. With flip,
+        each image is mirrored with probability 1/2; the mirrored ones are put first in their batch, so
+        that one in-place slice flip on the device does them all. start: resume part-way, yielding
+        batches start, start + 1, ... of the same epoch."""
         if not 0 <= start <= len(self):
             raise DataError(f"cannot start epoch {epoch} at batch {start}: it has {len(self)} batches")
         g = torch.Generator().manual_seed(self.seed + epoch)
@@ -547,3 +627,506 @@ class Loader:
             if n_flip[i]:
                 x[:n_flip[i]] = x[:n_flip[i]].flip(3)
             yield to_float(x.contiguous(memory_format=self.memory_format))
+
+
+# ---------------------------------------------------------------- the device and the run's files
+SCRIPTS = ("dcgan", "mlp_gan", "vae_conv", "mlp_vae", "vaegan")  # the model scripts, whose checkpoints these are
+
+
+def resolve_device(name="auto"):
+    """--device as a torch.device this machine has: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"{name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DataError(f"--device {name} is not one these scripts run on; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not mps:
+        raise DataError(f"--device {name} was asked for but MPS is not available; use --device cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DataError(f"--device {name} was asked for but there are only {torch.cuda.device_count()} CUDA "
+                        f"devices; use --device cuda:0")
+    return device
+
+
+def read_checkpoint(path, script=None, upgrade=None):
+    """The dict a model script saved (script: only that one's), read with weights_only=True so that nothing
+    in the file can run; any other file is a DataError saying what it is (never PyTorch's own message, which
+    advises loading the file unsafely). upgrade(args) fills in what an older version's checkpoint lacks."""
+    use = "pass the ckpt.pt that a model script wrote to its --out folder"
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder, not a checkpoint; pass the ckpt.pt inside it")
+    if not os.path.exists(path):
+        raise DataError(f"{path} does not exist; {use}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)  # what kind of file it is, for the messages below
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror})") from None
+    if not head:
+        raise DataError(f"{path} is empty (0 bytes) and not a checkpoint; it was cut off while being written or "
+                        f"copied")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch warns about some pickle protocols
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a torch.save zip or a pickle of more than tensors: refused, never run
+        if head.startswith((b"PK", b"\x80")):
+            raise DataError(f"{path} is not a checkpoint written by this project's scripts and may be unsafe to "
+                            f"load; nothing in it was run") from None
+        raise DataError(f"{path} is not a PyTorch checkpoint; {use}") from None
+    except Exception:  # noqa: BLE001  (PyTorch raises many kinds for a file it cannot parse)
+        if head.startswith(b"PK"):
+            raise DataError(f"{path} is a damaged or truncated checkpoint (or another zip archive); {use}") from None
+        raise DataError(f"{path} is not a PyTorch checkpoint; {use}") from None
+    scripts = f"{script}.py" if script else f"one of {', '.join(s + '.py' for s in SCRIPTS)}"
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise DataError(f"{path} holds a {type(ckpt).__name__} without a 'script' entry, so it was not written by "
+                        f"{scripts} and there is no model to rebuild from it")
+    if ckpt["script"] not in ((script,) if script else SCRIPTS):
+        raise DataError(f"{path} was not written by {scripts} (its script is {ckpt['script']!r}); use the script "
+                        f"that wrote it")
+    what = lambda v: "missing" if v is None else f"a {type(v).__name__}"
+    if not isinstance(ckpt.get("args"), dict):
+        raise DataError(f"{path} has no settings ('args') to rebuild the {ckpt['script']}.py model from: that entry "
+                        f"is {what(ckpt.get('args'))}, not a dict of flags; the file is damaged")
+    for key in ("epoch", "step"):
+        if not isinstance(ckpt.get(key), int):
+            raise DataError(f"{path} is damaged: its {key!r} entry is {what(ckpt.get(key))}, not a whole number")
+    if upgrade:
+        upgrade(ckpt["args"])
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    """torch.save(state) into a temporary file renamed onto path, so that a crash or a full disk never tears
+    the file there; DataError, with the temporary file removed, when it cannot be written."""
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: PyTorch's zip writer on a full disk
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise DataError(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]})") from None
+
+
+def load_optimizer(opt, state):
+    """opt.load_state_dict(state), which moves each state tensor to its parameter's device and dtype but keeps
+    the saved strides; then each is laid out as its parameter (fused CUDA kernels check all three)."""
+    opt.load_state_dict(state)
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                s[k] = torch.empty_like(p).copy_(v)
+
+
+@contextlib.contextmanager
+def evaluating(*nets, exact=None):
+    """Inside: nets in eval mode, no gradients; exact=device: also plain float32 there (no autocast, no TF32
+    matmuls or convolutions), for a number that must not move with the device. All comes back after."""
+    modes, tf32 = [n.training for n in nets], (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    for n in nets:
+        n.eval()
+    if exact is not None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    off = torch.autocast(torch.device(exact).type, enabled=False) if exact is not None else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), off:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        for n, mode in zip(nets, modes):
+            n.train(mode)
+
+
+def held_out(images, batch_size, seed, terms, device):
+    """The mean over held-out images (uint8 N x C x H x W) of terms(x, g): a tensor of the per-image means of
+    a batch x in [-1, 1], its noise drawn from g, a CPU generator seeded `seed` (the same on every device and
+    at every epoch). Call it inside evaluating(model, exact=device)."""
+    g, total = torch.Generator().manual_seed(seed), 0
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i:i + batch_size].to(device))                  # B x C x H x W, float32
+        total = total + terms(x, g) * len(x)
+    return (total / len(images)).tolist()
+
+
+# ---------------------------------------------------------------- a training run
+# What every model script's main() takes from here: the shared flags, checked; the device and the ranks;
+# the output folder; the checkpoint, read and written; where the run stands (epoch: whole epochs done,
+# batch: batches done in the next, step: optimizer steps) and stopping on Ctrl-C/SIGTERM with every rank
+# agreeing. The training loop itself stays in main().
+
+RUNTIME_FLAGS = {"resume", "out", "device", "amp", "compile", "sync_bn", "max_steps", "sample", "weights"}
+RUN_FILES = ("ckpt.pt", "best.pt")  # a folder holding one of them holds a run (that --resume continues)
+
+
+def add_args(p, data="mnist", epochs=10, batch_size=128, img_size="the dataset's own", sync_bn=True):
+    """The flags of the data and of the run, the same in every model script."""
+    a = p.add_argument
+    a("--data", default=data, help=f"one of {', '.join(DATASETS)}, or a folder of images")
+    a("--data-root", default="data", help="where datasets and the decoded cache live")
+    a("--img-size", type=int, default=None, help=f"pixels; default: {img_size}")
+    a("--channels", type=int, default=None, choices=[1, 3], help="image channels; default: the dataset's own")
+    a("--crop", type=int, default=None, help="center-crop this many pixels before resizing (108: CelebA's faces)")
+    a("--flip", action="store_true", help="random horizontal flips")
+    a("--epochs", type=int, default=epochs, help="total epochs (a resumed run continues to this count)")
+    a("--batch-size", type=int, default=batch_size, help="global batch, split over the ranks")
+    a("--lr-decay", default="none", choices=["none", "linear"], help="linear: lr (1 - t/T), 0 at the run's end")
+    a("--seed", type=int, default=0, help="seeds the weights, the order of the batches and the noise")
+    a("--out", default=None, help="output folder; default runs/<script>-<data> (or the next free one, -2, -3, "
+      "...), or the --resume checkpoint's")
+    a("--resume", default=None, help="a ckpt.pt to continue from: its flags are the defaults, typed ones win")
+    a("--sample", type=int, default=0, help="after training, write this many single PNGs to OUT/samples/")
+    a("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: no limit)")
+    a("--log-every", type=int, default=50, help="optimizer steps between log lines")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    a("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast; default: on for CUDA")
+    a("--compile", action="store_true", help="torch.compile the networks")
+    if sync_bn:
+        a("--sync-bn", action="store_true", help="with torchrun: BatchNorm statistics over all ranks (CUDA)")
+
+
+def _holds_run(folder):
+    return any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES)
+
+
+class Run:
+    """A model script's run: Run(parser, argv, script, check) parses the flags (on --resume, the checkpoint's
+    are the parser's defaults and the command line is parsed again, so whatever is typed wins), reads the
+    checkpoint, picks the device and the ranks (torchrun) and the output folder, and checks every flag before
+    any data is read: its own, then check(args, run) (the script's), then those a checkpoint fixes
+    (shape_flags: a typed one that differs is refused). upgrade(args): fills in an old checkpoint's flags."""
+
+    def __init__(self, parser, argv, script, check, shape_flags=(), upgrade=None):
+        args = parser.parse_args(argv)
+        try:
+            self.ckpt = read_checkpoint(args.resume, script, upgrade) if args.resume else None
+            if self.ckpt:
+                parser.set_defaults(**{k: v for k, v in self.ckpt["args"].items()
+                                       if k in vars(args) and k not in RUNTIME_FLAGS})
+                args = parser.parse_args(argv)
+            device = resolve_device(args.device)
+        except DataError as e:
+            fail(e)
+        self.args, self.script, ckpt = args, script, self.ckpt
+        self.ddp = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python: rank 0 of 1
+        self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.ddp else (0, 1)
+        if self.ddp and device.type == "cuda":  # one GPU per process
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        self.device = device
+        self.epoch, self.batch, self.step = (ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]) if ckpt else (0, 0, 0)
+        self.train = self.epoch < args.epochs
+        self._check_flags()
+        args.out = self.out = self._choose_out()
+        for k in shape_flags if ckpt else ():  # a typed flag that changes a network's shape
+            saved = ckpt["args"].get(k)
+            if saved is not None and getattr(args, k) != saved:
+                flag = "--" + k.replace("_", "-")
+                fail(f"{args.resume} was trained with {flag} {saved}, which {flag} {getattr(args, k)} does not "
+                     f"fit; drop {flag} to use the checkpoint's")
+        check(args, self)
+        if not self.train and not args.sample:
+            fail(f"nothing to train: {f'{args.resume} has finished {self.epoch} epochs' if ckpt else '--epochs is 0'}"
+                 f" and no --sample was asked for; raise --epochs to train on")
+        if ckpt and self.train and 0 < args.max_steps <= self.step:
+            fail(f"nothing to train: {args.resume} is already at step {self.step} and --max-steps is "
+                 f"{args.max_steps}; raise --max-steps or drop it")
+        if self.rank == 0:  # an output folder that cannot be written is found now, not after the first epoch
+            try:
+                os.makedirs(self.out, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.out).close()
+            except OSError as e:
+                fail(f"cannot write to the output folder {self.out} ({e.strerror or e}); choose another --out")
+        if self.ddp:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.log = print if self.rank == 0 else (lambda *a, **k: None)
+        if self.notice:
+            self.log(self.notice)
+        args.amp = device.type == "cuda" if args.amp is None else args.amp
+        torch.manual_seed(args.seed + self.rank)
+        self.signum = self.caught = 0
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite value since the last check
+        self.stopping, self.n, self.seen, self.t0, self.parts = False, 1, 0, time.perf_counter(), {}
+
+    def _check_flags(self):
+        """The shared flags, one sentence each, before anything is read or built."""
+        a = self.args
+        for flag in ("batch_size", "latent_dim", "log_every"):
+            if getattr(a, flag) is not None and getattr(a, flag) < 1:  # (None: the script's default, resolved later)
+                fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}")
+        for flag in ("epochs", "sample", "max_steps", "crop"):
+            if (getattr(a, flag) or 0) < 0:
+                fail(f"--{flag.replace('_', '-')} cannot be negative, got {getattr(a, flag)}")
+        if not (math.isfinite(a.lr) and a.lr > 0):
+            fail(f"--lr must be a positive number, got {a.lr}")
+        if a.img_size is not None and a.img_size < 1:
+            fail(f"--img-size must be a positive number of pixels, got {a.img_size}")
+        if self.ddp and getattr(a, "sync_bn", False) and self.device.type != "cuda":  # else DDP raises inside
+            fail("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); drop --sync-bn "
+                 "to keep BatchNorm per rank")
+
+    def _choose_out(self):
+        """--out, or runs/<script>-<data>, or the --resume checkpoint's folder. A new run never destroys an
+        earlier one, and resuming a checkpoint (best.pt) never rewinds the run it came from: where the folder
+        holds another run, a typed --out is refused and a default one becomes the next free folder (-2, ...)."""
+        a, self.notice = self.args, None
+        own = os.path.dirname(os.path.abspath(a.resume)) if a.resume else None
+        default = own or os.path.join("runs", f"{self.script}-{os.path.basename(os.path.normpath(a.data))}")
+        out, here = a.out or default, os.path.join(a.out or default, "ckpt.pt")
+        if not self.train or not _holds_run(out) or (a.resume and os.path.exists(here) and os.path.samefile(
+                here, a.resume)):
+            return out
+        what = (f"resuming {a.resume} (step {self.step}) there would rewind it" if a.resume else
+                "a new run there would overwrite it")
+        if a.out:
+            fail(f"--out {out} holds a run already and {what}; continue that run with --resume {here}, or choose a "
+                 f"fresh --out")
+        n = 2
+        while _holds_run(f"{default}-{n}"):
+            n += 1
+        self.notice = f"{default} holds a run already and {what}: this run writes to {default}-{n}"
+        return f"{default}-{n}"
+
+    # --- parts of the setup
+    def check_memory(self, dry_run, widths="the network widths"):
+        """Refuse what cannot fit before allocating any of it: dry_run() builds the networks on the meta device
+        (shapes only, no memory) and runs them on one batch. The estimate: 4 float32 copies of each parameter
+        (weights, gradients, two optimizer moments) and the output of every layer (kept for the backward)."""
+        outputs = []
+
+        def count(m, _inputs, out):
+            if not list(m.children()) and torch.is_tensor(out):
+                outputs.append(out.numel())
+        try:
+            with torch.device("meta"), nn.modules.module.register_module_forward_hook(count):
+                nets = dry_run()
+        except ValueError as e:  # a size the architecture cannot take
+            fail(e)
+        need = 4 * (4 * sum(p.numel() for net in nets for p in net.parameters()) + sum(outputs))
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # (no sysconf: Windows)
+            have = torch.cuda.mem_get_info(self.device)[1] if self.device.type == "cuda" else \
+                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            if need > have:
+                fail(f"training at --img-size {self.args.img_size} with --batch-size {self.args.batch_size} needs "
+                     f"about {need / 2**30:.0f} GiB but the {self.device.type} device has {have / 2**30:.0f} GiB; "
+                     f"lower --img-size, --batch-size or {widths}")
+
+    def images(self, split="train"):
+        """uint8 images of the run's dataset, decoded once into the cache (args.channels becomes theirs); None
+        for a test split the dataset does not have."""
+        a = self.args
+        if split == "test" and not has_test_split(a.data):
+            return None
+        try:
+            images = load(a.data, root=a.data_root, split=split, img_size=a.img_size, channels=a.channels,
+                          crop=a.crop).images
+        except DataError as e:
+            fail(e)
+        except KeyboardInterrupt:
+            interrupted(f"while reading {a.data}; nothing was trained or written")
+        a.channels = images.shape[1]
+        return images
+
+    def loader(self, channels_last=False):
+        """The training images as [-1, 1] batches on the device, this rank's share (None when the run only
+        samples); then every resolved setting is printed."""
+        a, loader = self.args, None
+        if self.train:
+            try:
+                loader = Loader(self.images("train"), a.batch_size, self.device, seed=a.seed, flip=a.flip,
+                                rank=self.rank, world_size=self.world, channels_last=channels_last)
+            except DataError as e:
+                fail(e)
+            self.n = len(loader)
+        self.log("settings: " + " ".join(f"{k}={v}" for k, v in vars(a).items()))
+        return loader
+
+    def restore(self, memory_format=torch.contiguous_format, **parts):
+        """What the checkpoint holds besides the run's place, each network and optimizer under its name: from
+        the checkpoint when resuming, the networks first moved to the device (an optimizer's state is laid out
+        as its parameters, so those must have their final device, dtype and layout). save() writes them."""
+        for name, part in parts.items():
+            try:
+                if isinstance(part, nn.Module):
+                    if self.ckpt:
+                        part.load_state_dict(self.ckpt[name])
+                    part.to(self.device, memory_format=memory_format)
+                elif self.ckpt:
+                    load_optimizer(part, self.ckpt[name])
+            except KeyError:
+                fail(f"{self.args.resume} has no {name!r} entry: it is damaged or was not written by {self.script}.py")
+            self.parts[name] = part
+
+    def memory_format(self, cpu=False):
+        """Channels-last (NHWC) for convolutions on CUDA (cuDNN), and on the CPU where cpu says it is faster."""
+        return torch.channels_last if self.device.type == "cuda" or cpu and self.device.type == "cpu" \
+            else torch.contiguous_format
+
+    @property
+    def fused(self):
+        """The optimizers' fastest form: one fused kernel per step on CUDA, foreach elsewhere."""
+        return {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+
+    def fixed_noise(self, n, dim):
+        """The latent batch of every epoch's grid: the checkpoint's, or n x dim drawn from the seed."""
+        z = self.ckpt["fixed_z"] if self.ckpt else torch.randn(n, dim, generator=torch.Generator().manual_seed(
+            self.args.seed))
+        self.parts["fixed_z"] = z = z.to(self.device)
+        return z
+
+    def show(self, **nets):
+        """Each network's parameter count ('G: 3,576,704 parameters   D: ...'; a tuple adds its modules), and
+        where a resumed run stands."""
+        count = lambda m: sum(p.numel() for x in (m if isinstance(m, tuple) else (m,)) for p in x.parameters())
+        self.log("   ".join(f"{name}: {count(m):,} parameters" for name, m in nets.items()))
+        if self.ckpt:
+            self.log(f"resumed from {self.args.resume}: epoch {self.epoch + 1}, batch {self.batch}, step {self.step}")
+
+    def wrap(self, net, ddp=True):
+        """The copy of net that trains: under torchrun DDP (gradients averaged over the ranks; BatchNorm per rank
+        unless --sync-bn), and torch.compile with --compile. net itself stays plain: it is saved and sampled."""
+        if self.ddp and ddp:
+            if getattr(self.args, "sync_bn", False):
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # in place: net's children are replaced
+            net = DDP(net, device_ids=[self.device] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.args.compile else net
+
+    # --- the training loop's parts
+    @contextlib.contextmanager
+    def stop_signals(self):
+        """While training, Ctrl-C and SIGTERM (what torchrun sends its workers) only raise a flag: the step in
+        flight finishes, the ranks agree at the next log step, the checkpoint is saved and finish() exits with
+        128 + the signal. A second one ends the process at once. The old handlers come back however it ends."""
+        def handler(signum, _frame):
+            self.caught = signum
+            signal.signal(signum, signal.SIG_DFL)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def training(self):
+        """Whether there is more to train: epochs left, --max-steps not reached, no stop signal."""
+        a = self.args
+        return self.train and self.epoch < a.epochs and not self.signum and not (a.max_steps and self.step >= a.max_steps)
+
+    def batches(self, loader):
+        """The rest of the current epoch's batches (a resumed run starts where its checkpoint stands); the loop
+        calls step_done() after each step. Ends early at --max-steps or a stop signal; after the last batch the
+        run stands at the next epoch."""
+        self.t0, self.seen = time.perf_counter(), 0
+        for x in loader.epoch(self.epoch, start=self.batch):
+            yield x
+            if self.stopping:
+                break
+        self._agree(f"in epoch {self.epoch + 1}")
+        if self.batch == self.n:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+    def step_done(self, values):
+        """After each optimizer step: count it, and flag a non-finite value among values (on the device: no
+        host sync). True at a log step, where the ranks have agreed on NaN and stop signals (one host sync)."""
+        a = self.args
+        self.step, self.batch, self.seen = self.step + 1, self.batch + 1, self.seen + a.batch_size
+        self.bad |= ~torch.isfinite(torch.stack([v.detach().float() for v in values.values()]).sum())
+        at_max = bool(a.max_steps and self.step >= a.max_steps)
+        due = self.step % a.log_every == 0 or at_max or bool(self.caught and not self.ddp)
+        if due:
+            self._agree(f"by step {self.step}")
+        self.stopping = at_max or bool(self.signum)
+        return due
+
+    def _agree(self, where):
+        flags = torch.stack([self.bad.float(), torch.tensor(float(self.caught), device=self.device)])
+        if self.ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, signum = flags.tolist()
+        if nonfinite:
+            ckpt = os.path.join(self.out, "ckpt.pt")
+            kept = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was saved"
+            fail(f"the losses became NaN/inf {where}; stopping: {kept} (try a lower --lr)")
+        self.signum = int(signum)
+
+    def set_lr(self, lr, *optimizers):
+        """Every optimizer's learning rate for this step: lr, or with --lr-decay linear lr (1 - t / T) at step t
+        of the run's T (the CIFAR-10 report's schedule; from the position, so a resumed run agrees)."""
+        if self.args.lr_decay == "linear":
+            lr *= 1 - (self.epoch * self.n + self.batch) / (self.args.epochs * self.n)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    @property
+    def label(self):
+        """The epoch the last steps were in, for file names: a partial epoch is named after itself."""
+        return self.epoch if self.batch == 0 else self.epoch + 1
+
+    # --- the end of an epoch (rank 0)
+    def save(self, name="ckpt.pt"):
+        """OUT/name (ckpt.pt, best.pt): the script's name, its flags, where the run stands and every part of
+        restore() (and the fixed noise)."""
+        path = os.path.join(self.out, name)
+        state = {k: v if torch.is_tensor(v) else v.state_dict() for k, v in self.parts.items()}
+        try:
+            save_checkpoint(path, {"script": self.script, "args": vars(self.args), "epoch": self.epoch,
+                                   "batch": self.batch, "step": self.step, **state})
+        except DataError as e:
+            kept = f"the previous {name} is kept" if os.path.exists(path) else f"no {name} was saved"
+            fail(f"{e}; {kept}{'' if name == 'ckpt.pt' else f' and ckpt.pt holds step {self.step}'}. Free some "
+                 f"disk space, then resume")
+
+    def save_grid(self, name, images, nrow=8):
+        """OUT/<name>_epoch_NNN.png: images in [-1, 1] as one grid, written to a temporary file and renamed."""
+        path = os.path.join(self.out, f"{name}_epoch_{self.label:03d}.png")
+        grid = vutils.make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
+        pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        try:
+            Image.fromarray(pixels).save(path + ".tmp", format="PNG")
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            fail(f"could not write {path} ({e.strerror or e}); {os.path.join(self.out, 'ckpt.pt')} holds step "
+                 f"{self.step}. Free some disk space, then resume")
+
+    def save_recon(self, x, x_hat):
+        """OUT/recon_epoch_NNN.png: rows of 8 inputs x, each above its 8 reconstructions x_hat."""
+        row = min(8, len(x))
+        n = len(x) - len(x) % row
+        pairs = torch.stack([x[:n].float(), x_hat[:n].float()], 1)                 # n x 2 x C x H x W
+        self.save_grid("recon", pairs.view(-1, row, 2, *x.shape[1:]).transpose(1, 2).flatten(0, 2), nrow=row)
+
+    def finish(self):
+        """After the training loop: a stop signal ends the process (exit 128 + signal: 130 for Ctrl-C)."""
+        ckpt = os.path.join(self.out, "ckpt.pt")
+        if self.signum:
+            self.log(f"stopped by signal {self.signum}: checkpoint saved to {ckpt}; continue with --resume {ckpt}")
+        if self.ddp:
+            dist.destroy_process_group()
+        if self.signum:
+            sys.exit(128 + self.signum)
+
+    def write_samples(self, make, *nets):
+        """--sample N: OUT/samples/000000.png ... (rank 0), make(i, b, g) -> b images in [-1, 1] from number i,
+        500 at a time, their noise drawn from g (seeded seed + 1), the networks in eval mode."""
+        a = self.args
+        if not a.sample or self.rank:
+            return
+        folder, g = os.path.join(self.out, "samples"), torch.Generator(self.device).manual_seed(a.seed + 1)
+        try:
+            with evaluating(*nets):
+                for i in range(0, a.sample, 500):
+                    write_pngs(make(i, min(500, a.sample - i), g), folder, first=i)
+        except DataError as e:
+            fail(e)
+        except KeyboardInterrupt:
+            interrupted(f"while writing {folder}")
+        self.log(f"wrote {a.sample} samples to {folder}")

@@ -40,11 +40,10 @@ import importlib
 import json
 import math
 import os
-import pickle
 import re
 import sys
-import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.utils as vutils
@@ -54,7 +53,6 @@ from torchvision.transforms.functional import to_pil_image
 import data
 import metrics
 
-SCRIPTS = ("dcgan", "mlp_gan", "vae_conv", "mlp_vae", "vaegan")  # the last three have an encoder
 BATCH = 256          # images per encode/decode call
 VECTOR_SEED = 0      # the subset of training images behind an attribute vector or a GMM (not --seed: cached)
 GAN_MAX_IMAGES = 1000  # default --max-images of a GAN: each image costs an inversion (an encoder's: 10000)
@@ -67,8 +65,8 @@ GMM_TOL = 1e-6       # EM stops when the mean log-likelihood changes by less tha
 GMM_MAX_ITER = 1000
 LABEL_H = 16         # pixels above each grid of a sweep for its setting's name
 GAP = 8              # pixels between the grids of a sweep
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf"]  # matplotlib's tab10
+TRUNCATION_ROUNDS = 100  # redraws of the truncation trick before it samples the rest directly
+D_FILTER_PATIENCE = 5000  # --d-filter: draws before an acceptance under 1% stops the sampling
 
 
 class EditError(Exception):
@@ -78,51 +76,14 @@ class EditError(Exception):
 # -----------------------------------------------------------------------------
 # Model, data, codes.
 
-def read_checkpoint(path):
-    """The dict a model script saved in path, read with weights_only=True so that nothing in the file can
-    run. Any other file is an EditError saying what it is; PyTorch's own message is never passed on, as
-    it advises loading the file unsafely."""
-    use = "pass the ckpt.pt that a model script wrote to its --out folder"
-    if os.path.isdir(path):
-        raise EditError(f"{path} is a folder, not a checkpoint; pass the ckpt.pt inside it")
-    if not os.path.exists(path):
-        raise EditError(f"{path} does not exist; {use}")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)  # what kind of file it is, for the messages below
-    except OSError as e:
-        raise EditError(f"cannot read {path} ({e.strerror})") from None
-    if not head:
-        raise EditError(f"{path} is empty (0 bytes) and not a checkpoint; a model script writes ckpt.pt "
-                        f"at the end of each epoch")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PyTorch warns about some pickle protocols
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if head.startswith((b"PK", b"\x80")):  # a torch.save zip or a pickle, holding more than tensors
-            raise EditError(f"{path} is not a checkpoint written by this project's scripts and may be unsafe "
-                            f"to load; nothing in it was run") from None
-        raise EditError(f"{path} is not a PyTorch checkpoint; {use}") from None
-    except Exception:  # PyTorch raises many kinds for a file it cannot parse
-        if head.startswith(b"PK"):
-            raise EditError(f"{path} is a damaged or truncated checkpoint (or another zip archive); {use}") from None
-        raise EditError(f"{path} is not a PyTorch checkpoint; {use}") from None
-    scripts = ", ".join(s + ".py" for s in SCRIPTS)
-    if not isinstance(ckpt, dict) or "script" not in ckpt:
-        raise EditError(f"{path} holds a {type(ckpt).__name__} without a 'script' entry, so it was not written "
-                        f"by one of {scripts} and there is no model to rebuild from it")
-    if ckpt["script"] not in SCRIPTS:
-        raise EditError(f"{path} was not written by one of {scripts} (its script is {ckpt['script']!r}), "
-                        f"so there is no model to rebuild from it")
-    if not isinstance(ckpt.get("args"), dict):
-        raise EditError(f"{path} has no settings ('args') to rebuild the {ckpt['script']}.py model from")
-    return ckpt
-
-
 def load(path, device):
-    """(model, checkpoint dict): the model from its own script's load_model, in eval mode."""
-    ckpt = read_checkpoint(path)
+    """(model, checkpoint dict): the model from its own script's load_model, in eval mode. The checkpoint is read
+    as data.read_checkpoint reads it: weights_only, so that nothing in it can run; one sentence if it is no
+    checkpoint of the five scripts."""
+    try:
+        ckpt = data.read_checkpoint(path)
+    except data.DataError as e:
+        raise EditError(str(e)) from None
     script = ckpt["script"]
     try:
         module = importlib.import_module(script)
@@ -446,7 +407,7 @@ def draw_scatter(xy, groups, axes, title, path, size=512, seed=0):
     for i in torch.randperm(len(xy), generator=torch.Generator().manual_seed(seed)).tolist():  # no class on top
         if colour[i] >= 0:
             x, y = px[i].item(), py[i].item()
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=PALETTE[colour[i] % len(PALETTE)])
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=metrics.PALETTE[colour[i] % len(metrics.PALETTE)])
     draw.rectangle(box, outline="black")
     draw.text((size // 2, 4), title, fill="black", font=font, anchor="mt")
     draw.text(((box[0] + box[2]) // 2, size - 4), axes[0], fill="black", font=font, anchor="mb")
@@ -461,7 +422,7 @@ def draw_scatter(xy, groups, axes, title, path, size=512, seed=0):
         draw.text((box[0] - 6, y), f"{vy:.3g}", fill="black", font=font, anchor="rm")
     for g, (label, mask) in enumerate(groups):
         y = 28 + 18 * g
-        draw.rectangle((size + 8, y, size + 20, y + 12), fill=PALETTE[g % len(PALETTE)])
+        draw.rectangle((size + 8, y, size + 20, y + 12), fill=metrics.PALETTE[g % len(metrics.PALETTE)])
         draw.text((size + 26, y + 6), f"{label} ({int(mask.sum())})", fill="black", font=font, anchor="lm")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
@@ -532,11 +493,20 @@ def truncated_normal(base, threshold, seed):
     magnitude exceeds the threshold T redrawn until none does, i.e. a normal truncated to [-T, T].
     base: the first draw, N x D. Each redraw is a whole N x D draw from a generator seeded with `seed`, taken
     only where a component is still out of bounds: every threshold sees the same candidates in the same
-    order, so components within both of two thresholds agree and the columns of a sweep compare."""
+    order, so components within both of two thresholds agree and the columns of a sweep compare. After
+    TRUNCATION_ROUNDS redraws (a component is still out with probability P(|z| > T)^100, under 1e-20 from
+    T = 0.5 on) the rest are drawn from the truncated normal directly, by its inverse CDF: a tiny T (1e-9)
+    ends too, with the same distribution."""
     g = torch.Generator().manual_seed(seed)
     z = base.clone()
-    while (out := z.abs() > threshold).any():
+    for _ in range(TRUNCATION_ROUNDS):
+        if not (out := z.abs() > threshold).any():
+            return z
         z = torch.where(out, torch.randn(z.shape, generator=g), z)
+    out = z.abs() > threshold                          # u ~ U(Phi(-T), Phi(T)), z = Phi^-1(u)
+    lo = torch.special.ndtr(torch.tensor(-float(threshold), dtype=torch.float64))
+    u = lo + (1 - 2 * lo) * torch.rand(int(out.sum()), generator=g, dtype=torch.float64)
+    z[out] = torch.special.ndtri(u).clamp(-threshold, threshold).float()
     return z
 
 
@@ -652,22 +622,39 @@ def reference(args, ckpt):
         raise EditError(str(e)) from None
 
 
-def measure(images, label, ref):
-    """{n, lapvar, and with ref = reference(): fid, kid, kid_std, precision, recall} of [-1, 1] images,
-    computed in memory with metrics.py's functions on the uint8 pixels data.write_pngs would write."""
-    u8 = data.to_uint8(images)
-    ref_stats, margs, net = ref or (None, None, None)
-    try:
-        out = metrics.compute_features(u8, net() if ref else None, device=net.device if ref else "cpu",
-                                       lapvar=True, name=label, progress=False)
-        result = {"n": out["n"], "lapvar": float(out["lapvar"].mean())}
-        if ref:
-            mu, sigma = metrics.stats_from_features(out["pool3"])
-            stats = {"mu": mu, "sigma": sigma, "features": out["pool3"].astype("float32")}
-            result.update(metrics.compare_to_reference(label, stats, ref_stats, margs, net.device))
-    except metrics.MetricsError as e:
-        raise EditError(str(e)) from None
-    return result
+class Measure:
+    """{n, lapvar, and with ref = reference(): fid, kid, kid_std, precision, recall} of [-1, 1] images given batch
+    by batch (add()), computed with metrics.py's functions on the uint8 pixels data.write_pngs writes; only the
+    features are kept, never the images."""
+
+    def __init__(self, label, ref):
+        self.label, self.ref, self.pool3, self.lapvar = label, ref, [], []
+
+    def add(self, images):
+        ref_stats, margs, net = self.ref or (None, None, None)
+        try:
+            out = metrics.compute_features(data.to_uint8(images), net() if net else None,
+                                           device=net.device if net else "cpu", lapvar=True, name=self.label,
+                                           progress=False)
+        except metrics.MetricsError as e:
+            raise EditError(str(e)) from None
+        self.lapvar.append(out["lapvar"])
+        if net:
+            self.pool3.append(out["pool3"].astype("float32"))
+
+    def result(self):
+        lapvar = np.concatenate(self.lapvar)
+        result = {"n": len(lapvar), "lapvar": float(lapvar.mean())}
+        if self.ref:
+            ref_stats, margs, net = self.ref
+            features = np.concatenate(self.pool3)
+            try:
+                mu, sigma = metrics.stats_from_features(features)
+                stats = {"mu": mu, "sigma": sigma, "features": features}
+                result.update(metrics.compare_to_reference(self.label, stats, ref_stats, margs, net.device))
+            except metrics.MetricsError as e:
+                raise EditError(str(e)) from None
+        return result
 
 
 def save_columns(grids, labels, path, grey):
@@ -685,55 +672,123 @@ def save_columns(grids, labels, path, grey):
     canvas.save(path)
 
 
-def cmd_sample(model, ckpt, args, device):
-    """One --grid x --grid grid per setting of the sweep, side by side, all from the same base noise: a GAN's
-    truncation thresholds, or a VAE's priors x temperatures. --out-dir: --n single PNGs per setting in
-    DIR/<setting>/; --json: each setting's Laplacian variance and, with --ref, FID, KID, precision, recall."""
-    gan = not hasattr(model, "encode")
-    if gan and (args.temperature or args.prior != ["normal"]):
-        raise EditError(f"--temperature and --prior gmm are for the VAE checkpoints and {ckpt['script']}.py is a GAN; "
-                        f"use --truncation")
-    if not gan and args.truncation:
-        raise EditError(f"--truncation is for the GAN checkpoints (dcgan.py, mlp_gan.py) and {ckpt['script']}.py "
-                        f"has a VAE's prior; use --temperature")
-    ref = reference(args, ckpt) if args.ref else None  # a bad reference fails before the sampling
+def discriminator(ckpt, device):
+    """A GAN checkpoint's discriminator, in eval mode (--d-filter)."""
+    _, D = importlib.import_module(ckpt["script"]).build(ckpt["args"])
+    D.load_state_dict(ckpt["D"])
+    return D.to(device).eval()
+
+
+def sweep(model, ckpt, args, device):
+    """[(label, folder, z m x D or None for the reconstructions, truncation T or None, D-filter P or None)]: the
+    settings of a sample sweep, every one from the same base noise (m = max(--grid^2, --n) draws from --seed)."""
     m = max(args.grid ** 2, args.n)
     g = torch.Generator().manual_seed(args.seed)
     base = torch.randn(m, model.latent_dim, generator=g)  # m x D, the same noise for every setting
-    settings = []  # (label, folder, z m x D)
-    if gan:
+    settings = []
+    if not hasattr(model, "encode"):  # a GAN: truncation thresholds, each with every D-filter
         for T in args.truncation or [None]:
-            if T is None:
-                settings.append(("untruncated", "untruncated", base))
-            else:
-                settings.append((f"T = {T:g}", f"truncation_{T:g}", truncated_normal(base, T, args.seed + 1)))
-    else:
-        gmm = gmm_prior(model, ckpt, args, device) if "gmm" in args.prior else None
-        comp = torch.multinomial(gmm["weights"], m, replacement=True, generator=g) if gmm else None  # c ~ Cat(pi)
-        for prior in args.prior:
-            for t in args.temperature or [1.0]:
-                name, folder = ("N(0, I)", "normal") if prior == "normal" else \
-                    (f"GMM-{args.components}", f"gmm{args.components}")
-                label, folder = (f"{name}, t = {t:g}", f"{folder}_t{t:g}") if args.temperature else (name, folder)
-                # z ~ N(0, t^2 I) = t eps; or the mixture with its covariances scaled by t^2
-                settings.append((label, folder, t * base if prior == "normal" else gmm_sample(gmm, base, comp, t)))
-    grids, results = [], {}
-    for label, folder, z in settings:
-        images = decode(model, z, device)  # m x C x H x W in [-1, 1]
-        grids.append(vutils.make_grid(images[:args.grid ** 2], nrow=args.grid, normalize=True, value_range=(-1, 1)))
-        if args.out_dir:
+            name, z = ("untruncated", base) if T is None else (f"truncation_{T:g}", truncated_normal(base, T, args.seed + 1))
+            for P in args.d_filter or [None]:
+                label = ("untruncated" if T is None else f"T = {T:g}") + ("" if P is None else f", D >= {P:g}")
+                folder = (name if T is not None or P is None else "") + ("" if P is None else f"-dfilter-{P:g}")
+                settings.append((label, folder.strip("-"), z, T, P))
+        return settings
+    priors = args.prior or ([] if args.recon and not args.temperature else ["normal"])
+    gmm = gmm_prior(model, ckpt, args, device) if "gmm" in priors else None
+    comp = torch.multinomial(gmm["weights"], m, replacement=True, generator=g) if gmm else None  # c ~ Cat(pi)
+    for prior in priors:
+        for t in args.temperature or [1.0]:
+            name, folder = ("N(0, I)", "normal") if prior == "normal" else (f"GMM-{args.components}", f"gmm{args.components}")
+            label, folder = (f"{name}, t = {t:g}", f"{folder}_t{t:g}") if args.temperature else (name, folder)
+            # z ~ N(0, t^2 I) = t eps; or the mixture with its covariances scaled by t^2
+            settings.append((label, folder, t * base if prior == "normal" else gmm_sample(gmm, base, comp, t),
+                             None, None))
+    if args.recon:  # decode(mu) of the first held-out images: how the CIFAR-10 report scored its VAE
+        settings.append(("reconstructions", "recon", None, None, None))
+    return settings
+
+
+def images_of(model, z, T, p, D, args, device, held_out):
+    """The images of one setting, BATCH at a time, in [-1, 1] on the CPU: decode(z); with a D-filter p, only those
+    D passes as real, sigmoid(D(G(z))) >= p (as the CelebA GAN report showed its DCGAN's), drawing fresh z (as
+    truncated) after z; the reconstructions decode(mu(x)) of the held-out images when z is None. Yields (images,
+    how many z were drawn so far)."""
+    if z is None:
+        for i in range(0, len(held_out), BATCH):
+            yield decode(model, encode(model, held_out[i:i + BATCH], device), device), i + BATCH
+        return
+    drawn = 0
+    while drawn < len(z) or p is not None:
+        chunk = z[drawn:drawn + BATCH]
+        if len(chunk) == 0:  # z is used up: fresh draws, truncated as z was
+            chunk = torch.randn(BATCH, z.shape[1], generator=torch.Generator().manual_seed(args.seed + 2 + drawn))
+            chunk = chunk if T is None else truncated_normal(chunk, T, args.seed + 3 + drawn)
+        x, drawn = decode(model, chunk, device), drawn + len(chunk)
+        if p is not None:
+            with torch.no_grad():
+                x = x[torch.sigmoid(D(x.to(device)).float()).cpu() >= p]   # D's logit -> probability of "real"
+        yield x, drawn
+
+
+def cmd_sample(model, ckpt, args, device):
+    """One --grid x --grid grid per setting of the sweep, side by side, all from the same base noise: a GAN's
+    truncation thresholds and D-filters, or a VAE's priors x temperatures and its held-out reconstructions.
+    --out-dir: --n single PNGs per setting in DIR/<setting>/, written as they are made; --json: each setting's
+    Laplacian variance and, with --ref, FID, KID, precision and recall."""
+    gan = not hasattr(model, "encode")
+    if gan and (args.temperature or args.prior or args.recon):
+        raise EditError(f"--temperature, --prior and --recon are for the VAE checkpoints and {ckpt['script']}.py is a "
+                        f"GAN; use --truncation or --d-filter")
+    if not gan and (args.truncation or args.d_filter):
+        raise EditError(f"--truncation and --d-filter are for the GAN checkpoints (dcgan.py, mlp_gan.py) and "
+                        f"{ckpt['script']}.py has a VAE's prior; use --temperature, --prior or --recon")
+    held_out = None
+    if args.recon:
+        if not data.has_test_split(ckpt["args"].get("data")):
+            raise EditError(f"--recon reconstructs held-out images and {ckpt['args'].get('data')} has no held-out "
+                            f"split; use a checkpoint trained on one of {', '.join(data.DATASETS)}")
+        held_out = dataset(ckpt, "test", args.data_root).images
+        if args.n > len(held_out):
+            raise EditError(f"--recon --n {args.n} asks for more reconstructions than the {len(held_out)} held-out "
+                            f"images; ask for at most {len(held_out)}")
+        held_out = held_out[:max(args.grid ** 2, args.n)]
+    ref = reference(args, ckpt) if args.ref else None  # a bad reference fails before the sampling
+    D = discriminator(ckpt, device) if args.d_filter else None
+    grids, labels, folders, results, m = [], [], [], {}, max(args.grid ** 2, args.n)
+    for label, folder, z, T, p in sweep(model, ckpt, args, device):
+        shown, done, measure = [], 0, Measure(label, ref) if args.json else None
+        path = os.path.join(args.out_dir or "", folder)
+        labels.append(label), folders.append(folder)
+        for x, drawn in images_of(model, z, T, p, D, args, device, held_out):
+            x = x[:m - done]
+            shown.append(x[:max(0, args.grid ** 2 - done)])
             try:
-                data.write_pngs(images[:args.n], os.path.join(args.out_dir, folder))
+                if args.out_dir and done < args.n:
+                    data.write_pngs(x[:args.n - done], path, first=done)
             except data.DataError as e:
                 raise EditError(str(e)) from None
-        if args.json:
-            results[label] = measure(images[:args.n], label, ref)
-    save_columns(grids, [label for label, _, _ in settings], args.out, grey=images.shape[1] == 1)
+            if measure and done < args.n:
+                measure.add(x[:args.n - done])
+            done += len(x)
+            if done >= m:
+                break
+            if p is not None and drawn >= D_FILTER_PATIENCE and done < 0.01 * drawn:
+                raise EditError(f"--d-filter {p:g}: the discriminator passed only {done} of {drawn} samples, so it "
+                                f"rejects almost everything (a collapsed or over-confident D); {min(done, args.n)} of "
+                                f"{args.n} were written to {path}; lower --d-filter or use another checkpoint")
+        if p is not None:
+            print(f"--d-filter {p:g}: the discriminator passed {done} of {drawn} samples ({100 * done / drawn:.1f}%)",
+                  file=sys.stderr)
+        images = torch.cat(shown)
+        grids.append(vutils.make_grid(images, nrow=args.grid, normalize=True, value_range=(-1, 1)))
+        if measure:
+            results[label] = measure.result()
+    save_columns(grids, labels, args.out, grey=images.shape[1] == 1)
     if args.out_dir:
-        print(f"wrote {args.n} samples to each of {', '.join(f for _, f, _ in settings)} in {args.out_dir}",
-              file=sys.stderr)
+        print(f"wrote {args.n} images to each of {', '.join(folders)} in {args.out_dir}", file=sys.stderr)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(metrics.json_safe(results), indent=2, allow_nan=False))
 
 
 HELP = {"attribute": "originals without an attribute (or several), their reconstructions or a GAN's inversions, "
@@ -743,7 +798,8 @@ HELP = {"attribute": "originals without an attribute (or several), their reconst
         "scatter": "the codes of held-out images in 2-D (the latent, two dimensions or its PCA), coloured by class "
                    "or attribute",
         "manifold": "decodes of a grid over the latent plane, two dimensions, or two principal directions",
-        "sample": "sample grids side by side for a sweep of truncations (GANs) or of priors and temperatures (VAEs)"}
+        "sample": "sample grids side by side for a sweep of truncations and D-filters (GANs) or of priors, "
+                  "temperatures and held-out reconstructions (VAEs); single PNGs and their FID, KID, P/R"}
 COMMANDS = {"attribute": cmd_attribute, "vector": cmd_vector, "interpolate": cmd_interpolate,
             "scatter": cmd_scatter, "manifold": cmd_manifold, "sample": cmd_sample}
 
@@ -770,22 +826,6 @@ def numbers(kind, count=None):
 def thresholds(text):
     """argparse type of --truncation: comma-separated finite numbers, 'none' (no truncation) among them."""
     return [None if v.strip().lower() == "none" else numbers(float)(v)[0] for v in text.split(",")]
-
-
-def resolve_device(name):
-    """--device as a torch.device that this machine has (metrics.resolve_device, plus MPS and CUDA indices)."""
-    try:
-        device = metrics.resolve_device(name)
-    except metrics.MetricsError as e:
-        raise EditError(str(e)) from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise EditError(f"--device {name} is not one latent_edit.py runs on; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise EditError(f"--device {name} was asked for but MPS is not available; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise EditError(f"--device {name} was asked for but there are only {torch.cuda.device_count()} CUDA "
-                        f"devices; use --device cuda:0")
-    return device
 
 
 def unwritable(path, folder=False):
@@ -824,11 +864,13 @@ def check_args(args):
             raise EditError("--truncation thresholds must be positive (or none): |z_i| > T is redrawn")
         if any(t <= 0 for t in args.temperature or []):
             raise EditError("--temperature values must be positive: z ~ N(0, t^2 I)")
-        if not set(args.prior) <= {"normal", "gmm"}:
+        if args.prior and not set(args.prior) <= {"normal", "gmm"}:
             raise EditError(f"--prior takes normal, gmm or normal,gmm, not {','.join(args.prior)}")
-        if args.truncation and (args.temperature or args.prior != ["normal"]):
-            raise EditError("--truncation (GAN checkpoints) and --temperature or --prior gmm (VAE checkpoints) "
-                            "do not go together")
+        if any(not 0 <= p < 1 for p in args.d_filter or []):
+            raise EditError("--d-filter values are probabilities in [0, 1): D(G(z)) >= P is written")
+        if (args.truncation or args.d_filter) and (args.temperature or args.prior or args.recon):
+            raise EditError("--truncation and --d-filter (GAN checkpoints) and --temperature, --prior or --recon "
+                            "(VAE checkpoints) do not go together")
         if args.out_dir and args.n < 1:
             raise EditError("--out-dir needs --n, the number of samples to write per setting")
         if args.json and args.n < 2:
@@ -847,7 +889,10 @@ def check_args(args):
             raise EditError("--from and --to need the same number of comma-separated indices")
     if getattr(args, "dims", None) and args.dims[0] == args.dims[1]:
         raise EditError("--dims needs two different latent dimensions")
-    args.device = resolve_device(args.device)
+    try:
+        args.device = data.resolve_device(args.device)
+    except data.DataError as e:
+        raise EditError(str(e)) from None
     for flag, folder in (("out", False), ("save_dir", True), ("out_dir", True)):
         path = getattr(args, flag, None)
         why = path and unwritable(path, folder)
@@ -919,15 +964,22 @@ def get_args(argv=None):
                         "(none: untruncated)")
     s.add_argument("--temperature", type=numbers(float), default=None, metavar="t,t,...",
                    help="VAE checkpoints: a grid per temperature t > 0, z ~ N(0, t^2 I) (a GMM: covariances times t^2)")
-    s.add_argument("--prior", type=lambda text: text.lower().split(","), default=["normal"], metavar="normal,gmm",
-                   help="VAE checkpoints: N(0, I), a Gaussian mixture fitted to the training images' mean codes, "
-                        "or both")
+    s.add_argument("--d-filter", type=numbers(float), default=None, metavar="P,P,...",
+                   help="GAN checkpoints: a grid per probability P in [0, 1), of the samples the discriminator passes "
+                        "as real, sigmoid(D(G(z))) >= P (with --truncation: of the truncated z)")
+    s.add_argument("--prior", type=lambda text: text.lower().split(","), default=None, metavar="normal,gmm",
+                   help="VAE checkpoints: N(0, I) (the default), a Gaussian mixture fitted to the training images' "
+                        "mean codes, or both")
+    s.add_argument("--recon", action="store_true",
+                   help="VAE checkpoints: the reconstructions decode(mu(x)) of the first held-out images as a "
+                        "setting of its own (how the CIFAR-10 report scored its VAE); alone, without prior samples")
     s.add_argument("--components", type=int, default=10, help="Gaussians of --prior gmm (full covariances)")
     s.add_argument("--max-images", type=int, default=10000,
                    help="training images whose mean codes --prior gmm is fitted to")
     s.add_argument("--grid", type=int, default=8, help="samples per side of each setting's grid")
     s.add_argument("--n", type=int, default=0, help="samples per setting for --out-dir and --json")
-    s.add_argument("--out-dir", default=None, help="write each setting's --n samples to DIR/<setting>/NNNNNN.png")
+    s.add_argument("--out-dir", default=None, help="write each setting's --n samples to DIR/<setting>/NNNNNN.png "
+                   "(untruncated, truncation_T, dfilter-P, normal, normal_tT, gmmK, recon, ...)")
     s.add_argument("--json", action="store_true",
                    help="print each setting's Laplacian variance, and with --ref its FID, KID, precision and recall")
     s.add_argument("--ref", default=None,
@@ -953,6 +1005,8 @@ def main(argv=None):
         COMMANDS[args.command](model, ckpt, args, args.device)
     except EditError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        data.interrupted(f"before {args.out} was written")
     print(f"wrote {args.out}", file=sys.stderr if getattr(args, "json", False) else sys.stdout)  # stdout: the JSON
     return args.out
 

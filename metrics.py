@@ -160,6 +160,8 @@ class InceptionFID(tv_inception.Inception3):
     num_classes=1008, init_weights=False), so its state_dict keys are those of the weight file.
     """
 
+    FEATURES = FID_DIMS                                          # pool3: what FID, KID and P/R compare
+
     def __init__(self):
         super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
         self.Mixed_5b = FIDInceptionA(192, pool_features=32)
@@ -185,28 +187,6 @@ class InceptionFID(tv_inception.Inception3):
         pool3 = torch.flatten(self.avgpool(x), 1)                # N x 2048 (FID)
         logits = pool3 @ self.fc.weight.T                        # N x 1008: torch-fidelity "logits_unbiased" (IS)
         return pool3, logits
-
-
-def resolve_device(device="auto"):
-    if str(device) != "auto":
-        try:
-            device = torch.device(device)
-        except RuntimeError:
-            raise MetricsError(f"{device!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise MetricsError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
-        if device.type == "mps" and not _mps_available():
-            raise MetricsError(f"--device {device} was asked for but MPS is not available; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if _mps_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def _mps_available():
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def weights_path(weights=None):
@@ -306,19 +286,6 @@ def _model_input(images, device):
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
-@contextlib.contextmanager
-def _float32_matmuls():
-    """No TF32 inside: Ampere+ GPUs may otherwise round matmul and convolution inputs to 10-bit
-    mantissas, and the features (so FID) would differ from the CPU's beyond float32 precision.
-    The previous settings are restored afterwards (a training script may want TF32)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def compute_features(source, model=None, batch_size=50, device="cpu", lapvar=False, name="images",
                      progress=True):
     """One pass over images: Inception features (if model) and Laplacian variances (if lapvar).
@@ -339,7 +306,7 @@ def compute_features(source, model=None, batch_size=50, device="cpu", lapvar=Fal
     pool3, logits, lap, skipped, sizes = [], [], [], [], set()
     done, t0, last_print = 0, time.time(), 0.0
     show = progress and model is not None
-    with torch.inference_mode(), _float32_matmuls():
+    with torch.inference_mode(), data.evaluating(exact=device):
         for images in _batches(source, batch_size, skipped):
             if len(sizes) < 2:
                 sizes.update(tuple(im.shape[1:]) for im in images)
@@ -475,7 +442,7 @@ def kernel_inception_distance(features, ref_features, subsets=KID_SUBSETS, subse
     return float(np.mean(mmd2)), float(np.std(mmd2))
 
 
-@_float32_matmuls()
+@data.evaluating(exact="cpu")  # no TF32 in the distances (a flag of CUDA's; autocast off)
 def knn_radii(features, k=PR_K, block=PR_BLOCK, device="cpu"):
     """||phi - NN_k(phi)|| for each row phi of features: the distance to its k-th nearest neighbour
     in the same set, the radius of the ball around it (Kynkaenniemi et al. 2019). Float32 distances
@@ -495,7 +462,7 @@ def knn_radii(features, k=PR_K, block=PR_BLOCK, device="cpu"):
     return torch.cat(radii)
 
 
-@_float32_matmuls()
+@data.evaluating(exact="cpu")
 def precision_recall(features, ref_features, k=PR_K, block=PR_BLOCK, device="cpu", ref_radii=None):
     """(precision, recall) of Kynkaenniemi et al. 2019 with k nearest neighbours, as torch-fidelity
     prc_features_to_metric (which uses VGG-16 features by default; here they are pool3 features).
@@ -581,6 +548,9 @@ def load_stats(path, with_features=False):
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise MetricsError(f"{path}: mu has shape {mu.shape} but sigma has shape {sigma.shape}; "
                            f"expected (d,) and (d, d)")
+    _check_dims(mu.size, path, "statistics")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise MetricsError(f"{path} holds NaN or inf statistics; compute them again with metrics.py --save-stats")
     stats = {"mu": mu, "sigma": sigma}
     for key in STAT_KEYS + ("weights_sha256",):
         if key in arrays:
@@ -604,6 +574,7 @@ def _checked_features(features, path):
         what = f"{features.dtype} {features.shape}" if isinstance(features, np.ndarray) else "no single array"
         raise MetricsError(f"{path} holds {what}, not float features N x d; give a file written by "
                            f"metrics.py --save-features")
+    _check_dims(features.shape[1], path, "features")
     if len(features) < 2:
         raise MetricsError(f"{path} holds {len(features)} feature vector(s); FID, KID and precision/recall "
                            f"need at least 2")
@@ -611,6 +582,15 @@ def _checked_features(features, path):
         raise MetricsError(f"{path} holds NaN or inf values; compute the features again with "
                            f"metrics.py --save-features")
     return features.astype(np.float32, copy=False)
+
+
+def _check_dims(d, path, what):
+    """A reference of another size would pass every check until the comparison, after the whole feature pass
+    over the samples: it is refused when it is opened."""
+    if d != InceptionFID.FEATURES:
+        raise MetricsError(f"{path} holds {d}-dimensional {what}, but the FID Inception network's pool3 "
+                           f"features are {InceptionFID.FEATURES}-dimensional; give a file written by metrics.py "
+                           f"--save-features or --save-stats (or pytorch-fid --dims {InceptionFID.FEATURES})")
 
 
 def load_features(path):
@@ -783,7 +763,7 @@ class LazyInception:
     """Loads the network on first use only (.npz and cached sets need no network)."""
 
     def __init__(self, weights, device):
-        self.weights, self.device, self.model, self._sha = weights, resolve_device(device), None, None
+        self.weights, self.device, self.model, self._sha = weights, data.resolve_device(device), None, None
 
     def __call__(self):
         if self.model is None:
@@ -890,17 +870,15 @@ def _draw_panel(draw, top, title, names, series, epoch_starts, font):
             draw.text((lx + 28, ly), k, fill="black", font=font)
 
 
-def start_log(csv_path, columns, after_step=None):
-    """The training scripts' losses.csv: a new file with its header, or on resume (after_step: the
-    checkpoint's step) the old rows up to that step, since rows a killed run logged after its last
-    checkpoint would otherwise come twice."""
-    rows = []
-    if after_step is not None and os.path.exists(csv_path):
-        with open(csv_path, newline="") as f:
+def start_log(csv_path, columns, after_step=None, source=None):
+    """A run's CSV log (losses.csv, eval.csv): a new file with its header, or on resume (after_step: the
+    checkpoint's step) the rows of source (default: csv_path itself) up to that step, each value under its
+    own column name: rows a killed run logged after its last checkpoint would otherwise come twice."""
+    rows, source = [], source or csv_path
+    if after_step is not None and os.path.exists(source):
+        with open(source, newline="") as f:
             header, *old = list(csv.reader(f)) or [[]]
-        rows = [r for r in old if r and int(r[0]) <= after_step]
-        if header != columns:  # written by an older version of the script: each value under its own name
-            rows = [[dict(zip(header, r)).get(c, "") for c in columns] for r in rows]
+        rows = [[dict(zip(header, r)).get(c, "") for c in columns] for r in old if r and int(r[0]) <= after_step]
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([columns] + rows)
 
@@ -974,6 +952,50 @@ def plot_csv(csv_path):
     return _draw_losses(series, epoch_starts, png_path)
 
 
+class LossLog:
+    """losses.csv of a training run (rank 0 writes it) and its plot losses.png: columns step, epoch, the
+    script's values, img_per_s and, for a VAE, its held-out values. A resumed run keeps the rows of the run
+    it continues up to the checkpoint's step (from the checkpoint's folder when it branched off)."""
+
+    def __init__(self, run, columns):
+        self.run, self.columns = run, list(columns)
+        self.csv, self.png = os.path.join(run.out, "losses.csv"), os.path.join(run.out, "losses.png")
+        self.on = run.rank == 0 and run.train
+        if self.on:
+            source = run.ckpt and os.path.join(os.path.dirname(os.path.abspath(run.args.resume)), "losses.csv")
+            start_log(self.csv, self.columns, run.step if run.ckpt else None, source)
+
+    def row(self, values):
+        """At a log step: one line on stdout and a row of losses.csv; values (tensors) read in one host sync."""
+        run, a = self.run, self.run.args
+        numbers = dict(zip(values, torch.stack([v.detach().float() for v in values.values()]).tolist()))
+        rate = run.seen / (time.perf_counter() - run.t0)
+        eta = ((a.epochs - run.epoch) * run.n - run.batch) * a.batch_size / rate
+        run.log(f"[{run.epoch + 1}/{a.epochs}][{run.batch}/{run.n}] step {run.step}  "
+                + "  ".join(f"{k} {v:.4g}" for k, v in numbers.items()) + f"  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
+        self._write({"step": run.step, "epoch": run.epoch + 1, **numbers, "img_per_s": rate})
+
+    def held_out(self, values, seconds):
+        """A VAE's held-out values at the end of an epoch: a line, and a row whose training cells are blank."""
+        run = self.run
+        run.log(f"====> epoch {run.label}, held out: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
+                + f" ({seconds:.1f} s)")
+        self._write({"step": run.step, "epoch": run.label, **values})
+
+    def _write(self, row):
+        if self.on:
+            log_row(self.csv, [row.get(c, "") for c in self.columns])
+
+    def plot(self):
+        """losses.png, redrawn from losses.csv."""
+        if self.on:
+            try:
+                plot_losses(self.csv, self.png)
+            except MetricsError as e:
+                data.fail(f"{e}; {os.path.join(self.run.out, 'ckpt.pt')} holds step {self.run.step}. Free some "
+                          f"disk space, then resume")
+
+
 # ------------------------------------------------------------------ command line
 
 def _fmt(value, spec, std=None):
@@ -1015,6 +1037,13 @@ def compare_to_reference(spec, stats, ref, args, device):
     return out
 
 
+def json_safe(value):
+    """value with every NaN or inf (an undefined number, e.g. the Inception Score of 2 images) as None: null."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def print_table(rows):
     header = ["set", "n", "IS (mean +- std)", "FID", "KID (mean +- std)", "precision", "recall",
               "Laplacian var. (mean +- std)"]
@@ -1043,7 +1072,7 @@ def print_results(rows, ref, args):
                for spec, s in rows}
         if ref is not None and args.ref not in out:             # the reference under its own name
             out[args.ref] = out.pop(f"{args.ref} (reference)")
-        print(json.dumps(out, indent=2))
+        print(json.dumps(json_safe(out), indent=2, allow_nan=False))
     else:
         print_table(rows)
 
@@ -1060,31 +1089,69 @@ EVAL_PANELS = (("FID (lower is better)", ("fid",)), ("KID (lower is better)", ("
                ("Laplacian variance (higher is sharper)", ("lapvar",)))
 
 
+def add_args(p):
+    """The evaluation flags of the model scripts."""
+    p.add_argument("--eval-every", type=int, default=0, help="epochs between FID/KID/IS evaluations into "
+                   "OUT/eval.csv, keeping OUT/best.pt (0: off)")
+    p.add_argument("--eval-n", type=int, default=10000, help="generated images per evaluation")
+    p.add_argument("--eval-ref", default=None, help="reference of the evaluations: dataset name, folder, .npy "
+                   "features or .npz statistics (default: the dataset's test split, e.g. mnist:test)")
+    p.add_argument("--weights", default=None, help="the FID Inception weight file (default: torch.hub's cache)")
+
+
+def check_args(args, run):
+    """The evaluation flags, one sentence each, before any data is read (from their names alone)."""
+    if args.eval_every < 0:
+        data.fail(f"--eval-every cannot be negative, got {args.eval_every}")
+    if not (args.eval_every and run.train):
+        return
+    if args.eval_ref is None and data.has_test_split(args.data):
+        args.eval_ref = f"{args.data}:test"
+    if args.eval_n < 2:
+        data.fail(f"--eval-n must be at least 2 (FID needs a covariance), got {args.eval_n}")
+    if args.eval_ref is None:
+        data.fail(f"--data {args.data} has no test split; give --eval-every its reference with --eval-ref "
+                  f"(dataset, folder, .npy or .npz)")
+    try:
+        check_set(args.eval_ref)
+    except MetricsError as e:
+        data.fail(f"--eval-ref: {e}")
+    old = run.ckpt["args"] if run.ckpt else {}
+    if old.get("eval_every") and os.path.samefile(run.out, os.path.dirname(os.path.abspath(args.resume))):
+        for flag, key in (("--eval-ref", "eval_ref"), ("--eval-n", "eval_n")):  # eval.csv and best.pt go on
+            if old.get(key) not in (None, getattr(args, key)):
+                data.fail(f"{flag} {getattr(args, key)} is not the {old[key]} that {run.out}'s eval.csv and best.pt "
+                          f"were scored with, and FIDs against two references do not compare; drop {flag}, or "
+                          f"resume with a fresh --out to start another series")
+
+
+def _due(epoch, batch, step, cfg):
+    """Whether a run standing here evaluates: every eval_every whole epochs, and where it ends."""
+    return (batch == 0 and epoch % cfg["eval_every"] == 0) or epoch >= cfg["epochs"] or \
+        bool(cfg.get("max_steps") and step >= cfg["max_steps"])
+
+
 class TrainingEval:
-    """--eval-every E --eval-n N --eval-ref REF of the model scripts: every E epochs, FID, KID, IS,
-    precision/recall and Laplacian variance of N images made in memory (no PNGs), against a reference
-    computed once; a row of OUT/eval.csv, the curves in OUT/eval.png, and whether the samples' FID is
-    the lowest so far (the script then writes best.pt).
+    """--eval-every E --eval-n N --eval-ref REF of the model scripts: every E epochs and at the end, FID, KID,
+    IS, precision/recall and Laplacian variance of N images made in memory (no PNGs) against a reference
+    computed once; a row of OUT/eval.csv, the curves in OUT/eval.png, and OUT/best.pt when the samples' FID
+    is the lowest so far.
 
-    Made in the script's setup, before the first step, so that a missing network or a bad reference
-    stops the run there: it loads the Inception network (weights as metrics.py --weights) and REF (a
-    dataset name such as mnist:test, cached in DATA_ROOT/cache; an image folder; a .npy features file;
-    or a .npz statistics file, which gives FID only), and starts eval.csv. On resume, after_step (the
-    checkpoint's step) keeps the rows up to that step and the best FID among them.
-    sets: the names evaluate() will be given, "samples" first ("recon" too for a VAE).
-
-    The networks' train/eval mode is the caller's: the script puts them in eval mode before
-    evaluate() and back in train mode after. The randomness is the set functions': each draws its z
-    (or picks its held-out images) with its own torch.Generator, and nothing here draws from the
-    global RNG (IS and KID use their own seeded numpy RandomState), so training continues exactly
-    as it would have without the evaluation."""
+    Made before the first step (start()), so that a missing network or a bad reference stops the run there:
+    it loads the Inception network (weights as metrics.py --weights) and REF (a dataset name such as
+    mnist:test, cached in DATA_ROOT/cache; an image folder; a .npy features file; or a .npz statistics file,
+    which gives FID only), and starts eval.csv; on resume (after_step: the checkpoint's step) it keeps the
+    rows up to that step and the best FID among them. sets: the names of evaluate()'s sets, "samples" first
+    ("recon" too for a VAE). Each set's images come from make(i, b, g): b images from number i, their noise
+    drawn from g, a generator seeded `seed` at every evaluation, so that each evaluation scores the same z
+    and nothing moves the training's random stream (IS and KID draw from their own numpy RandomState)."""
 
     def __init__(self, ref, n, out_dir, weights=None, device="cpu", data_root="data", after_step=None,
-                 sets=("samples",), batch_size=EVAL_BATCH, log=print):
+                 sets=("samples",), batch_size=EVAL_BATCH, log=print, seed=0):
         check_set(ref)                                   # a bad REF: one sentence, nothing loaded yet
         if n < 2:
             raise MetricsError(f"an evaluation needs at least 2 images (FID's covariance), not {n}")
-        self.n, self.sets, self.batch_size, self.log = n, tuple(sets), batch_size, log
+        self.n, self.sets, self.batch_size, self.log, self.seed = n, tuple(sets), batch_size, log, seed
         self.csv, self.png = os.path.join(out_dir, "eval.csv"), os.path.join(out_dir, "eval.png")
         check_writable(self.csv, "the evaluation log")
         self.shown = set()                               # notes printed so far: each once per run
@@ -1105,21 +1172,61 @@ class TrainingEval:
         os.makedirs(out_dir, exist_ok=True)
         start_log(self.csv, self.columns, after_step)
         with open(self.csv, newline="") as f:           # the best FID of the rows kept on resume
-            self.best = min((float(r["fid"]) for r in csv.DictReader(f) if r.get("fid")), default=math.inf)
+            self.steps = [(int(r["step"]), float(r["fid"]) if r.get("fid") else math.inf) for r in csv.DictReader(f)]
+        self.best = min((fid for _, fid in self.steps), default=math.inf)
         self.last = None                                 # the last evaluation's row {column: value}
+
+    @classmethod
+    def start(cls, run, sets, *models, held_out=None):
+        """The evaluation of a model script's run (data.Run) with --eval-every: rank 0's TrainingEval, None when
+        off. sets: {"samples": make, "recon": make}; models: the networks make uses (in eval mode while it
+        does); held_out: the images "recon" reconstructs. A resumed run first redoes the evaluation a kill lost:
+        its checkpoint stands where one was due and eval.csv has no row of its step."""
+        a = run.args
+        if not (a.eval_every and run.train and run.rank == 0):
+            return None
+        if held_out is not None and len(held_out) < a.eval_n:
+            data.fail(f"--eval-n {a.eval_n} asks for more reconstructions than the {len(held_out)} held-out images "
+                      f"of {a.data}; lower --eval-n")
+        try:
+            ev = cls(a.eval_ref, a.eval_n, run.out, a.weights, run.device, a.data_root, run.step if run.ckpt else None,
+                     tuple(sets), log=run.log, seed=a.seed + 2)
+        except (MetricsError, data.DataError) as e:
+            data.fail(e)
+        except KeyboardInterrupt:
+            data.interrupted(f"while computing the features of the reference {a.eval_ref}; nothing was trained")
+        ev.run, ev.make, ev.models = run, sets, models
+        old = run.ckpt["args"] if run.ckpt else {}
+        if old.get("eval_every") and _due(run.epoch, run.batch, run.step, old) and run.step not in dict(ev.steps):
+            run.log(f"evaluating step {run.step} again: the run that saved {a.resume} stopped before its evaluation")
+            ev.after_epoch(again=True)
+        return ev
+
+    def after_epoch(self, again=False):
+        """At the end of an epoch (rank 0, after ckpt.pt is saved): the evaluation, where one is due (not after
+        a stop signal: a resumed run makes it up); best.pt, when the FID is the lowest yet, is written before
+        the row of eval.csv, so that a kill between them leaves no row without its best.pt."""
+        run = self.run
+        if not again and (run.signum or not _due(run.epoch, run.batch, run.step, vars(run.args))):
+            return
+        with data.evaluating(*self.models):
+            try:
+                self.evaluate(run.step, run.label, self.make, on_best=lambda: run.save("best.pt"))
+            except MetricsError as e:  # e.g. FID's square root of a degenerate covariance: a lost row, not a lost run
+                print(f"warning: the evaluation at step {run.step} failed ({e}); training goes on", file=sys.stderr)
 
     @staticmethod
     def prefix(name):
         return "" if name == "samples" else f"{name}_"
 
     def features(self, name, make):
-        """compute_features' dict for self.n images of make(count) -> count x C x H x W in [-1, 1],
-        batch by batch: each batch becomes the pixels that --sample writes (data.write_pngs) and
-        goes through the network at once; only its features are kept, never the n images."""
-        outs, done = [], 0
+        """compute_features' dict for self.n images of make(i, count, g) -> count x C x H x W in [-1, 1], batch
+        by batch: each batch becomes the pixels that --sample writes (data.write_pngs) and goes through the
+        network at once; only its features are kept, never the n images."""
+        outs, done, g = [], 0, torch.Generator(self.net.device).manual_seed(self.seed)
         while done < self.n:
             count = min(self.batch_size, self.n - done)
-            x = make(count)                                                        # B x C x H x W
+            x = make(done, count, g)                                               # B x C x H x W
             if not isinstance(x, torch.Tensor) or len(x) != count:
                 raise MetricsError(f"{name}: asked for {count} images, got {type(x).__name__} "
                                    f"{tuple(getattr(x, 'shape', ()))}")
@@ -1132,26 +1239,29 @@ class TrainingEval:
             del x, u8                                    # the batch goes before the next is made
         return {"n": done, **{k: np.concatenate([o[k] for o in outs]) for k in ("pool3", "logits", "lapvar")}}
 
-    def evaluate(self, step, epoch, make):
-        """Score each set of make ({"samples": fn, "recon": fn}, the names given as sets; fn(count) ->
-        count x C x H x W float images in [-1, 1] on any device, C = 1 or 3), self.n images each,
-        under no_grad and without TF32. Appends a row to eval.csv (step, epoch, n, per set fid, kid,
-        kid_std, is, is_std, precision, recall, lapvar, and the seconds it took), redraws eval.png,
-        logs one line. Returns True when the samples' FID is the lowest so far."""
+    def evaluate(self, step, epoch, make, on_best=None):
+        """Score each set of make ({"samples": fn, "recon": fn}, the names given as sets; fn(i, count, g) ->
+        count x C x H x W float images in [-1, 1] on any device, C = 1 or 3), self.n images each, under no_grad
+        and without TF32. Appends a row to eval.csv (step, epoch, n, per set fid, kid, kid_std, is, is_std,
+        precision, recall, lapvar, and the seconds it took; on_best() first, when the samples' FID is the
+        lowest so far), redraws eval.png, logs one line. Returns whether the FID is the lowest so far."""
         if set(make) != set(self.sets):
             raise MetricsError(f"evaluate() was given the sets {sorted(make)}, not {sorted(self.sets)}")
         t0 = time.perf_counter()
         row = {"step": step, "epoch": epoch, "n": self.n}
-        with torch.no_grad(), _float32_matmuls(), _each_note_once(self.shown):
+        with torch.no_grad(), data.evaluating(exact=self.net.device), _each_note_once(self.shown):
             for name in self.sets:
                 stats = set_stats(name, self.features(name, make[name]), self.args.splits)
                 stats.update(compare_to_reference(name, stats, self.ref, self.args, self.net.device))
                 row.update({self.prefix(name) + col: stats.get(key) for col, key in EVAL_KEYS.items()})
         row["seconds"] = time.perf_counter() - t0
+        is_best = row["fid"] is not None and row["fid"] < self.best
+        if is_best and on_best:
+            on_best()
         log_row(self.csv, [row[c] for c in self.columns])            # None: a blank cell
         plot_eval(self.csv, self.png)
-        is_best = row["fid"] < self.best
-        self.best, self.last = min(self.best, row["fid"]), row
+        self.best, self.last = row["fid"] if is_best else self.best, row
+        self.steps.append((step, row["fid"]))
         self.log(f"eval step {step} (epoch {epoch}, {self.n} images, {row['seconds']:.1f} s): " + " | ".join(
             f"{name} FID {_fmt(row[p + 'fid'], '.2f')} KID {_fmt(row[p + 'kid'], '.4f', row[p + 'kid_std'])} "
             f"IS {_fmt(row[p + 'is'], '.2f', row[p + 'is_std'])} precision {_fmt(row[p + 'precision'], '.3f')} "
@@ -1236,6 +1346,8 @@ def main(argv=None):
                  f"to {args.save_features}")
     except (MetricsError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        data.interrupted("before the results were printed; nothing was written")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
 
 REPORT is one of celeba-dcgan-vae, celeba-vae-gan-vaegan, mnist, celeba-gans, cifar10 (the README's
 "Reproducing the reports" says what each report is and where we deliberately differ from it). Each
-training runs through its script's real command line with --sample (and --recon-samples where the
-report scored reconstructions); metrics.py --json scores every sample folder and the real held-out
-images (the 'Real' row); then OUT/REPORT.md gets a table of the published numbers beside ours, a
+training runs through its script's real command line with --sample (and latent_edit.py sample --recon
+writes the held-out reconstructions where the report scored those); metrics.py --json scores every sample
+folder and the real held-out images (the 'Real' row); then OUT/REPORT.md gets a table of the published numbers beside ours, a
 table of the runs (wall time, images/s, final losses, held-out -ELBO, Laplacian variance, IS, FID)
 and copies of the grids and loss plots the report showed.
 
@@ -32,7 +32,6 @@ import tempfile
 import time
 
 import torch
-import torchvision.utils as vutils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -123,8 +122,8 @@ REPORTS = {
         "grids": {"mlp_gan": [1, 5, 50], "dcgan": list(range(2, 51, 2))},  # "25 grids with increasing epoch"
         # Sixteen DCGAN images "passed as real images by the discriminator": D's probability >= 0.5.
         "after": [("dcgan", "16 DCGAN samples the discriminator passed as real",
-                   ["dcgan.py", "--resume", "{out}/dcgan/ckpt.pt", "--epochs", "0", "--sample", "16",
-                    "--d-filter", "0.5", "--out", "{out}/dcgan-passed"])],
+                   ["latent_edit.py", "sample", "--ckpt", "{out}/dcgan/ckpt.pt", "--d-filter", "0.5", "--grid", "4",
+                    "--out", "{out}/figures/dcgan_passed.png"])],
     },
     "cifar10": {
         "title": "DCGAN vs VAE on CIFAR-10: IS and FID",
@@ -132,14 +131,16 @@ REPORTS = {
         "runs": {"vae_conv": ["vae_conv.py", "--arch", "cifar10-report", "--recon", "bce", "--epochs", "100"],
                  "dcgan": ["dcgan.py", "--arch", "cifar10-report", "--flip", "--lr-decay", "linear",
                            "--epochs", "128"]},
-        "recon_samples": ["vae_conv"],  # the report scored the VAE on reconstructed test images
-        "sets": [("DCGAN", "dcgan/samples"), ("VAE (reconstructions of test images)", "vae_conv/recon_samples"),
+        "sets": [("DCGAN", "dcgan/samples"), ("VAE (reconstructions of test images)", "vae_conv/recon"),
                  ("VAE (prior samples)", "vae_conv/samples")],
         "fid": True,
         "published": {"DCGAN": {EPOCHS: "128", IS: "5.48", FID: "58.4"},
                       "VAE (reconstructions of test images)": {EPOCHS: "100", IS: "2.9", FID: "163.3"}},
         "grids": {},
-        "after": [],
+        # The report scored the VAE on reconstructed test images: decode(mu(x)) of the first N, into vae_conv/recon.
+        "after": [("vae_conv", "the VAE's reconstructions of the first held-out images (the report's protocol)",
+                   ["latent_edit.py", "sample", "--ckpt", "{out}/vae_conv/ckpt.pt", "--recon", "--n", "{n}",
+                    "--out-dir", "{out}/vae_conv", "--out", "{out}/figures/vae_conv_recon.png"])],
     },
 }
 # The loss columns of the runs table, per script (the last logged row); vaegan: all of its own.
@@ -185,10 +186,10 @@ def check_args(args):
     if args.lapvar_only and args.weights:
         sys.exit("error: --lapvar-only needs no Inception weights; drop --weights or --lapvar-only")
     try:
-        metrics.resolve_device(args.device)
+        data.resolve_device(args.device)
         if not args.lapvar_only and not args.dry_run:  # found (or downloaded) now, not after the trainings
             args.weights = metrics.weights_path(args.weights)
-    except metrics.MetricsError as e:
+    except (metrics.MetricsError, data.DataError) as e:
         sys.exit(f"error: {e}" + ("" if args.weights else "; or pass --lapvar-only to score sharpness only"))
     args.out = os.path.abspath(args.out or os.path.join("runs", f"reproduce-{args.report}"))
     args.data_root = os.path.abspath(args.data_root)
@@ -225,8 +226,6 @@ def plan(args, spec):
     for name, (script, *settings) in spec["runs"].items():
         cmd = [sys.executable, script, "--data", args.data, *settings, "--out", os.path.join(args.out, name),
                "--sample", n] + common(args)
-        if name in spec.get("recon_samples", []):
-            cmd += ["--recon-samples", n]
         if name in args.epoch_overrides:
             cmd = set_flag(cmd, "--epochs", args.epoch_overrides[name])
         for flag, value in QUICK.items() if args.quick else []:
@@ -236,7 +235,7 @@ def plan(args, spec):
     for run, caption, (script, *rest) in spec["after"]:
         if "--attr" in rest and args.data != "celeba":
             continue  # Smiling and Eyeglasses are CelebA's attributes: with another --data the edits are skipped
-        cmd = [sys.executable, script] + [a.format(out=args.out) for a in rest] + common(args)
+        cmd = [sys.executable, script] + [a.format(out=args.out, n=n) for a in rest] + common(args)
         if "--d-filter" in cmd and args.quick:  # two steps of training leave D undecided: keep every sample
             cmd = set_flag(cmd, "--d-filter", "0")
         after.append((run, caption, cmd))
@@ -273,8 +272,7 @@ def resume_or_skip(cmd):
                  f"use another --out")
     max_steps = int(flag_value(cmd, "--max-steps", 0))
     trained = ckpt["epoch"] >= int(flag_value(cmd, "--epochs")) or 0 < max_steps <= ckpt["step"]
-    written = all(count_pngs(os.path.join(out, folder)) >= int(flag_value(cmd, flag, 0))
-                  for flag, folder in (("--sample", "samples"), ("--recon-samples", "recon_samples")))
+    written = count_pngs(os.path.join(out, "samples")) >= int(flag_value(cmd, "--sample", 0))
     if trained and written:
         return None
     cmd = cmd + ["--resume", ckpt_path]
@@ -284,7 +282,7 @@ def resume_or_skip(cmd):
 def run_trainings(todo, args, state):
     """Runs {name: cmd}, --parallel at a time, each logging to OUT/name/train.log; on a CPU each gets
     its own cores. The wall time of each adds to state['wall_s'] (a resumed run keeps counting)."""
-    cpu = metrics.resolve_device(args.device).type == "cpu"
+    cpu = data.resolve_device(args.device).type == "cpu"
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     share = max(1, len(cores) // args.parallel)
     queue, running, free = list(todo.items()), {}, list(range(args.parallel))
@@ -303,8 +301,10 @@ def run_trainings(todo, args, state):
         try:
             time.sleep(1)
         except KeyboardInterrupt:  # Ctrl-C reached the runs too: each saves its checkpoint and stops
-            for proc, *_ in running.values():
+            for name, (proc, t0, *_) in running.items():
                 proc.wait()
+                state["wall_s"][name] = state["wall_s"].get(name, 0) + time.time() - t0  # the time it did train
+            save_state(args, state)
             sys.exit("stopped: each run saved its checkpoint; run the same command again to continue")
         for name, (proc, t0, slot, log) in list(running.items()):
             if proc.poll() is None:
@@ -315,9 +315,11 @@ def run_trainings(todo, args, state):
             state["wall_s"][name] = state["wall_s"].get(name, 0) + time.time() - t0
             save_state(args, state)
             if proc.returncode != 0:
-                for other, *_ in running.values():  # the scripts save their checkpoint on SIGTERM
+                for other_name, (other, other_t0, *_) in running.items():  # they save their checkpoint on SIGTERM
                     other.terminate()
                     other.wait()
+                    state["wall_s"][other_name] = state["wall_s"].get(other_name, 0) + time.time() - other_t0
+                save_state(args, state)
                 sys.exit(f"error: {name} failed (exit {proc.returncode}); see {args.out}/{name}/train.log, "
                          f"then run the same command again to continue")
             print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
@@ -406,7 +408,7 @@ def minutes(s):
 
 def copy_figures(args, spec, runs, after):
     """OUT/figures/: each run's grids at the epochs the report showed (those that exist), its last grid
-    and losses.png; the D-filtered samples as one grid; the latent_edit.py figures. [(caption, path)]."""
+    and losses.png; the latent_edit.py figures (the D-filtered samples among them). [(caption, path)]."""
     figures, shown = os.path.join(args.out, "figures"), []
     for name in runs:
         out = os.path.join(args.out, name)
@@ -419,12 +421,7 @@ def copy_figures(args, spec, runs, after):
                 shutil.copyfile(path, target)
                 shown.append((f"{name}: {os.path.basename(path)}", target))
     for _, caption, cmd in after:
-        target = flag_value(cmd, "--out")
-        if "--d-filter" in cmd:  # the samples the discriminator passed as real, as one grid
-            imgs = torch.stack([data.read_image(p) for p in data.list_images(os.path.join(target, "samples"))])
-            target = os.path.join(figures, f"{os.path.basename(target)}.png")
-            vutils.save_image(imgs.float() / 255, target, nrow=4)          # 16 images: 4 x 4
-        shown.append((caption, target))
+        shown.append((caption, flag_value(cmd, "--out")))
     return shown
 
 
@@ -435,7 +432,7 @@ def write_report(args, spec, runs, after, state):
     summaries = {name: summarise(os.path.join(args.out, name)) for name in runs}
     lines = [f"# Reproduction: {spec['title']}", "",
              f"`python benchmarks/reproduce.py {shlex.join(args.argv)}` · {datetime.date.today()} · "
-             f"device {metrics.resolve_device(args.device)} · torch {torch.__version__}", ""]
+             f"device {data.resolve_device(args.device)} · torch {torch.__version__}", ""]
     if args.quick:
         lines += ["**--quick: a smoke run of a few optimizer steps; these numbers mean nothing.**", ""]
     lines += ["## Published and ours", "",

@@ -16,6 +16,7 @@ from PIL import Image
 
 import data
 import latent_edit
+import metrics
 from test_metrics import weights_file  # noqa: F401  (a pytest fixture: random weights in the real file's format)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,7 +237,7 @@ def test_scatter_draws_the_codes_with_a_legend(ckpt, script, extra, tmp_path):
     img = Image.open(out).convert("RGB")
     assert img.size == (300 + 180, 300)
     legend = {img.getpixel((300 + 14, 28 + 18 * g + 6)) for g in range(2 if extra else 10)}
-    want = {tuple(int(h[i:i + 2], 16) for i in (1, 3, 5)) for h in latent_edit.PALETTE[:len(legend)]}
+    want = {tuple(int(h[i:i + 2], 16) for i in (1, 3, 5)) for h in metrics.PALETTE[:len(legend)]}
     assert legend == want  # one legend colour per class (or with/without the attribute)
     plot = np.asarray(img)[40:260, 60:280].reshape(-1, 3)
     assert {tuple(p) for p in plot} & want  # and the points use them
@@ -355,7 +356,7 @@ FLAG_ERRORS = [
     (["sample", "--temperature", "0.5,0"], r"--temperature values must be positive: z ~ N\(0, t\^2 I\)"),
     (["sample", "--components", "0", "--prior", "gmm"], r"--components must be at least 1"),
     (["sample", "--prior", "gauss"], r"--prior takes normal, gmm or normal,gmm, not gauss"),
-    (["sample", "--truncation", "1", "--temperature", "1"], r"--truncation \(GAN checkpoints\) and --temperature"),
+    (["sample", "--truncation", "1", "--temperature", "1"], r"--truncation and --d-filter \(GAN checkpoints\) and --temperature"),
     (["sample", "--grid", "0"], r"--grid must be at least 1"),
     (["sample", "--n", "-1"], r"--n must be at least 0"),
     (["sample", "--out-dir", "{tmp}/samples"], r"--out-dir needs --n"),
@@ -384,7 +385,7 @@ def test_bad_flags_are_refused_before_the_checkpoint_is_read(ckpt, tmp_path, cap
     ("cuda:2", 2, r"--device cuda:2 was asked for but there are only 2 CUDA devices; use --device cuda:0"),
     ("mps", 0, r"--device mps was asked for but MPS is not available; use --device cpu"),
     ("nonsense", 0, r"'nonsense' is not a device; use auto, cpu, cuda, cuda:N or mps"),
-    ("meta", 0, r"--device meta is not one latent_edit.py runs on"),
+    ("meta", 0, r"--device meta is not one these scripts run on"),
 ])
 def test_devices_this_machine_lacks_are_refused_before_the_checkpoint_is_read(ckpt, monkeypatch, capsys,
                                                                               device, n_cuda, pattern):
@@ -812,13 +813,15 @@ def test_sample_json_on_the_command_line_is_the_only_thing_on_stdout(ckpt, tmp_p
 
 def test_sample_options_for_the_other_kind_of_model_are_refused_in_one_sentence(ckpt, folder_ckpt, tmp_path, capsys):
     for argv, pattern in (
-            (["--truncation", "1"], r"--truncation is for the GAN checkpoints \(dcgan.py, mlp_gan.py\) and vae_conv.py"),
-            (["--temperature", "0.8"], None), (["--prior", "gmm"], None)):
+            (["--truncation", "1"], r"--truncation and --d-filter are for the GAN checkpoints \(dcgan.py, mlp_gan.py\) "
+                                    r"and vae_conv.py"),
+            (["--d-filter", "0.5"], r"--truncation and --d-filter are for the GAN checkpoints"),
+            (["--temperature", "0.8"], None), (["--prior", "gmm"], None), (["--recon"], None)):
         if pattern:
             refused(capsys, pattern, "sample", "--ckpt", ckpt("vae_conv"), *argv)
         else:
-            refused(capsys, r"--temperature and --prior gmm are for the VAE checkpoints and dcgan.py is a GAN; use "
-                            r"--truncation", "sample", "--ckpt", ckpt("dcgan"), *argv)
+            refused(capsys, r"--temperature, --prior and --recon are for the VAE checkpoints and dcgan.py is a GAN; "
+                            r"use --truncation or --d-filter", "sample", "--ckpt", ckpt("dcgan"), *argv)
     path, _ = folder_ckpt  # its dataset: a folder of 6 images
     refused(capsys, r"--components 7 is more than the 6 training images whose codes the mixture would be fitted to",
             "sample", "--ckpt", path, "--prior", "gmm", "--components", "7", "--data-root", tmp_path / "root")

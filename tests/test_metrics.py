@@ -58,6 +58,7 @@ def small_network(monkeypatch):
     forward = metrics.InceptionFID.forward
     monkeypatch.setattr(metrics.InceptionFID, "forward", lambda self, x: (lambda p, lg: (p[:, :64], lg))(
         *forward(self, x)))
+    monkeypatch.setattr(metrics.InceptionFID, "FEATURES", 64)
 
 
 def make_folder(path, n, seed, size=12, mode="RGB"):
@@ -607,7 +608,7 @@ def test_cli_bad_save_features_fails_before_the_pass(case, expected, no_feature_
     a, b = make_folder(tmp_path / "a", 2, 0), make_folder(tmp_path / "b", 2, 1)
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "folder.npy").mkdir()
-    np.savez(tmp_path / "s.npz", mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(tmp_path / "s.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     sets = {"statistics_set": [tmp_path / "s.npz"], "two_sets": [a, b]}.get(case, [a])
     out = {"under_a_file": tmp_path / "file.txt" / "f.npy", "a_folder": tmp_path / "folder.npy",
            "not_npy": tmp_path / "f.txt"}.get(case, tmp_path / "f.npy")
@@ -624,13 +625,16 @@ def test_cli_bad_save_features_fails_before_the_pass(case, expected, no_feature_
     ("npz", "holds no single array"),
     ("one_row", "holds 1 feature vector(s); FID, KID and precision/recall need at least 2"),
     ("nan", "holds NaN or inf values"),
+    ("16 x 100", "holds 100-dimensional features, but the FID Inception network's pool3 features are 2048-dimensional"),
     ("absent", "does not exist"),
 ])
 def test_cli_bad_features_file_is_one_sentence_before_any_pass(content, expected, no_feature_pass, weights_file,
                                                                tmp_path, capsys):
     bad = tmp_path / "bad.npy"
-    arrays = {"vector": np.zeros(5), "integers": np.zeros((5, 3), np.int64), "one_row": np.zeros((1, 3)),
-              "nan": np.array([[0.0, 1.0], [np.nan, 2.0]])}
+    nan = np.zeros((2, 2048))
+    nan[1, 0] = np.nan
+    arrays = {"vector": np.zeros(5), "integers": np.zeros((5, 3), np.int64), "one_row": np.zeros((1, 2048)),
+              "nan": nan, "16 x 100": np.zeros((16, 100))}
     if content in arrays:
         np.save(bad, arrays[content])
     elif content == "npz":
@@ -760,13 +764,8 @@ def test_cli_plot_errors_are_one_sentence(case, expected, tmp_path, capsys):
 # ------------------------------------------------------------------ evaluation during training (TrainingEval)
 
 def in_batches(images):
-    """A set function as the scripts pass them: fn(count) -> the next count images (float, [-1, 1])."""
-    done = [0]
-
-    def make(count):
-        done[0] += count
-        return images[done[0] - count:done[0]].clone()
-    return make
+    """A set function as the scripts pass them: fn(i, count, g) -> images i .. i + count - 1 (float, [-1, 1])."""
+    return lambda i, count, g: images[i:i + count].clone()
 
 
 def folder_images(folder):
@@ -902,7 +901,7 @@ def test_training_eval_keeps_one_batch_without_grad_tf32_or_the_global_rng(small
     handle = ev.net().register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
     gen = torch.Generator().manual_seed(0)
 
-    def make(count):
+    def make(i, count, g):
         assert all(ref() is None for ref in made)                 # every earlier batch was let go
         assert not torch.is_grad_enabled() and flags() == (False, False)
         x = torch.rand(count, 3, 12, 12, generator=gen) * 2 - 1   # its own generator

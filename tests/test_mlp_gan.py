@@ -1,5 +1,4 @@
 """mlp_gan.py through its real entry point (main(argv) in-process, and one real subprocess)."""
-import math
 import os
 import subprocess
 import sys
@@ -103,80 +102,4 @@ def test_flags_of_this_script_are_checked_before_any_work(tmp_path, flag, value)
     # Adam needs 0 <= beta1 < 1; the generator's BatchNorm1d needs 2 images per batch to train.
     with pytest.raises(SystemExit, match=flag):
         run(tmp_path, flag, value)
-    assert not (tmp_path / "run").exists()
-
-
-# ---------------------------------------------------------------- sampling: --truncation and --d-filter
-
-def test_truncated_normal_stays_within_t_with_the_truncated_normal_variance():
-    z = mlp_gan.truncated_normal(100_000, 1, 1.0, generator=torch.Generator().manual_seed(0))
-    assert z.shape == (100_000, 1) and z.abs().max() <= 1
-    # N(0, 1) restricted to [-1, 1]: variance 1 - 2 phi(1) / (2 Phi(1) - 1), phi and Phi the normal pdf and cdf.
-    phi, Phi = math.exp(-0.5) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(1 / math.sqrt(2)))
-    assert z.var().item() == pytest.approx(1 - 2 * phi / (2 * Phi - 1), abs=0.004)  # standard error 0.0009
-
-
-def test_sample_with_truncation_and_d_filter_0_writes_n_files_from_z_within_t(tmp_path, monkeypatch, capsys):
-    out = run(tmp_path, "--max-steps", "1")
-    zs, real_forward = [], mlp_gan.Generator.forward
-
-    def forward(self, z):  # records every z but the shapes-only dry run's on the meta device
-        if z.device.type != "meta":
-            zs.append(z.clone())
-        return real_forward(self, z)
-    monkeypatch.setattr(mlp_gan.Generator, "forward", forward)
-    mlp_gan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "6", "--truncation", "0.5",
-                  "--device", "cpu"])
-    assert sorted(os.listdir(os.path.join(out, "samples"))) == [f"{i:06d}.png" for i in range(6)]
-    assert len(zs) == 1 and zs[0].shape == (6, 16) and zs[0].abs().max() <= 0.5
-    mlp_gan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "7", "--d-filter", "0",
-                  "--truncation", "0.5", "--device", "cpu"])
-    assert len(os.listdir(os.path.join(out, "samples"))) == 7
-    assert "passed 500 of 500 samples (100.0%)" in capsys.readouterr().out  # P = 0: one batch of 500, all kept
-    assert len(zs) == 2 and zs[1].abs().max() <= 0.5  # --d-filter draws the truncated z too
-
-
-def test_d_filter_writes_exactly_the_samples_d_scores_at_least_p(tmp_path, monkeypatch, capsys):
-    out = run(tmp_path, "--max-steps", "1")
-    scored = []  # every batch D was shown
-
-    def forward(self, x):  # a D that passes a known share: sample i of a batch of n gets (i + 0.5) / n
-        if x.device.type != "meta":  # not the shapes-only dry run
-            scored.append(x.clone())
-        return torch.logit((torch.arange(len(x), device=x.device) + 0.5) / len(x))
-    monkeypatch.setattr(mlp_gan.Discriminator, "forward", forward)
-    mlp_gan.main(["--resume", os.path.join(out, "ckpt.pt"), "--epochs", "0", "--sample", "60", "--d-filter", "0.9",
-                  "--device", "cpu"])
-    # (i + 0.5) / 500 >= 0.9 for i >= 450: 50 of each batch of 500 pass, so 60 take two batches.
-    assert len(scored) == 2 and "passed 100 of 1000 samples (10.0%)" in capsys.readouterr().out
-    kept = torch.cat([x[450:] for x in scored])[:60]
-    u8 = ((kept + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    folder = os.path.join(out, "samples")
-    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(60)]
-    for i in range(60):
-        assert np.array_equal(np.array(Image.open(os.path.join(folder, f"{i:06d}.png"))), u8[i]), i
-
-
-def test_d_filter_stops_when_d_rejects_almost_everything(tmp_path):
-    out = run(tmp_path, "--max-steps", "1", "--img-size", "8", "--channels", "1")  # 8x8: 5,000 draws are cheap
-    path, c = os.path.join(out, "ckpt.pt"), ckpt(out)
-    c["D"]["net.5.bias"].fill_(-100.0)  # D's last Linear bias by hand: D(G(z)) is about sigmoid(-100)
-    torch.save(c, path)
-    drawn = mlp_gan.D_FILTER_PATIENCE * mlp_gan.SAMPLE_BATCH
-    with pytest.raises(SystemExit, match=rf"passed only 0 of {drawn} samples, so it rejects almost everything "
-                                         r"\(a collapsed or over-confident D\); 0 of 20 were written"):
-        mlp_gan.main(["--resume", path, "--epochs", "0", "--sample", "20", "--d-filter", "0.5", "--device", "cpu"])
-    assert os.listdir(os.path.join(out, "samples")) == []
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--truncation", "0", "--sample", "2"], "--truncation must be a positive number"),
-    (["--truncation", "nan", "--sample", "2"], "--truncation must be a positive number"),
-    (["--d-filter", "1", "--sample", "2"], r"--d-filter is a probability in \[0, 1\)"),
-    (["--d-filter", "-0.5", "--sample", "2"], r"--d-filter is a probability in \[0, 1\)"),
-    (["--d-filter", "0.5"], "--d-filter changes only the images --sample writes; add --sample N"),
-    (["--truncation", "2"], "--truncation changes only the images --sample writes; add --sample N")])
-def test_sampling_flags_are_refused_before_any_work(tmp_path, flags, message):
-    with pytest.raises(SystemExit, match=message):
-        run(tmp_path, *flags)
     assert not (tmp_path / "run").exists()

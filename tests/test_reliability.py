@@ -144,7 +144,7 @@ def not_a_checkpoint(tmp_path, kind):
 
 CKPT_CASES = {"empty": "empty", "text": "not a PyTorch checkpoint",
               "random bytes": "may be unsafe|not a PyTorch checkpoint",  # which one depends on the bytes
-              "crafted pickle": "may be unsafe", "folder": "does not exist", "missing": "does not exist",
+              "crafted pickle": "may be unsafe", "folder": "is a folder", "missing": "does not exist",
               "other script": "not written by"}
 
 
@@ -319,7 +319,10 @@ def test_resumed_optimizer_state_has_its_parameters_device_dtype_and_layout(two_
                 for name, t in st.items():
                     if t.dim() == 4:
                         st[name] = t.contiguous()
-    made = mod.make_networks(SimpleNamespace(**c["args"]), c, torch.device("meta"), torch.channels_last)
+    run = data.Run.__new__(data.Run)  # where a resumed run stands, on the meta device, in channels-last
+    run.ckpt, run.device, run.parts, run.args = c, torch.device("meta"), {}, SimpleNamespace(**c["args"])
+    run.memory_format = lambda cpu=False: torch.channels_last
+    made = mod.make_networks(run.args, run)
     optimizers = [o for o in made if isinstance(o, torch.optim.Optimizer)]
     checked = 0
     for opt in optimizers:

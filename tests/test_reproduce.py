@@ -56,9 +56,11 @@ def commands(stdout):
 # The reports' settings (../shared/REPORTS.md), per script in the order reproduce.py prints them.
 SETTINGS = {
     "cifar10": [("vae_conv.py", {"--arch": "cifar10-report", "--recon": "bce", "--epochs": "100",
-                                 "--recon-samples": "10000", "--data": "cifar10"}),
+                                 "--sample": "10000", "--data": "cifar10"}),
                 ("dcgan.py", {"--arch": "cifar10-report", "--flip": True, "--lr-decay": "linear", "--epochs": "128",
                               "--sample": "10000"}),
+                ("latent_edit.py", {"--ckpt": "runs/reproduce-cifar10/vae_conv/ckpt.pt", "--recon": True,
+                                    "--n": "10000", "--out-dir": "runs/reproduce-cifar10/vae_conv"}),
                 ("metrics.py", {"--ref": "cifar10:test", "--n": "10000", "--json": True})],
     "celeba-vae-gan-vaegan": [("dcgan.py", {"--epochs": "500", "--data": "celeba"}),
                               ("vaegan.py", {"--epochs": "200", "--gamma": "15"}),
@@ -75,8 +77,8 @@ SETTINGS = {
     "celeba-gans": [("dcgan.py", {"--arch": "celeba-gans-report", "--epochs": "50", "--batch-size": "256",
                                   "--lr": "0.0002"}),
                     ("mlp_gan.py", {"--epochs": "50", "--batch-size": "256", "--lr": "0.0002"}),
-                    ("dcgan.py", {"--resume": "runs/reproduce-celeba-gans/dcgan/ckpt.pt", "--epochs": "0",
-                                  "--sample": "16", "--d-filter": "0.5"}),
+                    ("latent_edit.py", {"--ckpt": "runs/reproduce-celeba-gans/dcgan/ckpt.pt", "--d-filter": "0.5",
+                                        "--grid": "4"}),
                     ("metrics.py", {"--ref": "celeba:test"})],
     "mnist": [("dcgan.py", {"--arch": "mnist-report", "--epochs": "10", "--data": "mnist"}),
               ("vaegan.py", {}), ("vae_conv.py", {}), ("mlp_gan.py", {}),
