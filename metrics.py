@@ -1117,7 +1117,7 @@ def check_args(args, run):
     except MetricsError as e:
         data.fail(f"--eval-ref: {e}")
     old = run.ckpt["args"] if run.ckpt else {}
-    if old.get("eval_every") and os.path.samefile(run.out, os.path.dirname(os.path.abspath(args.resume))):
+    if old.get("eval_every") and os.path.realpath(run.out) == os.path.dirname(os.path.realpath(args.resume)):
         for flag, key in (("--eval-ref", "eval_ref"), ("--eval-n", "eval_n")):  # eval.csv and best.pt go on
             if old.get(key) not in (None, getattr(args, key)):
                 data.fail(f"{flag} {getattr(args, key)} is not the {old[key]} that {run.out}'s eval.csv and best.pt "
