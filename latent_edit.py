@@ -757,11 +757,11 @@ def cmd_sample(model, ckpt, args, device):
     D = discriminator(ckpt, device) if args.d_filter else None
     grids, labels, folders, results, m = [], [], [], {}, max(args.grid ** 2, args.n)
     for label, folder, z, T, p in sweep(model, ckpt, args, device):
-        shown, done, measure = [], 0, Measure(label, ref) if args.json else None
+        shown, done, passed, measure = [], 0, 0, Measure(label, ref) if args.json else None
         path = os.path.join(args.out_dir or "", folder)
         labels.append(label), folders.append(folder)
         for x, drawn in images_of(model, z, T, p, D, args, device, held_out):
-            x = x[:m - done]
+            passed, x = passed + len(x), x[:m - done]
             shown.append(x[:max(0, args.grid ** 2 - done)])
             try:
                 if args.out_dir and done < args.n:
@@ -773,13 +773,13 @@ def cmd_sample(model, ckpt, args, device):
             done += len(x)
             if done >= m:
                 break
-            if p is not None and drawn >= D_FILTER_PATIENCE and done < 0.01 * drawn:
-                raise EditError(f"--d-filter {p:g}: the discriminator passed only {done} of {drawn} samples, so it "
+            if p is not None and drawn >= D_FILTER_PATIENCE and passed < 0.01 * drawn:
+                raise EditError(f"--d-filter {p:g}: the discriminator passed only {passed} of {drawn} samples, so it "
                                 f"rejects almost everything (a collapsed or over-confident D); {min(done, args.n)} of "
                                 f"{args.n} were written to {path}; lower --d-filter or use another checkpoint")
         if p is not None:
-            print(f"--d-filter {p:g}: the discriminator passed {done} of {drawn} samples ({100 * done / drawn:.1f}%)",
-                  file=sys.stderr)
+            print(f"--d-filter {p:g}: the discriminator passed {passed} of {drawn} samples "
+                  f"({100 * passed / drawn:.1f}%)", file=sys.stderr)
         images = torch.cat(shown)
         grids.append(vutils.make_grid(images, nrow=args.grid, normalize=True, value_range=(-1, 1)))
         if measure:

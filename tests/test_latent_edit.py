@@ -843,3 +843,96 @@ def test_a_gan_attribute_that_no_image_has_is_refused_before_any_inversion(ckpt,
             "--data-root", tmp_path / "root")
     refused(capsys, r"has no attribute or class 'Smiling'", "attribute", "--ckpt", path, "--attr", "Smiling,Never",
             "--data-root", tmp_path / "root")
+
+
+# ---------------------------------------------------------------- sample --d-filter (GANs) and --recon (VAEs)
+
+def read_folder(folder, n):
+    """The n PNGs folder/000000.png ... (nothing else there) as uint8 n x S x S (grey)."""
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(n)]
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in range(n)])
+
+
+@pytest.mark.parametrize("script", ["dcgan", "mlp_gan"])
+def test_d_filter_0_passes_every_sample_of_the_truncated_z(ckpt, tmp_path, capsys, script):
+    path = ckpt(script)
+    edit("sample", "--ckpt", path, "--d-filter", "0", "--truncation", "1.5", "--n", "7", "--grid", "2",
+         "--out-dir", tmp_path / "s", "--out", tmp_path / "s.png")
+    assert "--d-filter 0: the discriminator passed 7 of 7 samples (100.0%)" in capsys.readouterr().err
+    G = latent_edit.load(path, "cpu")[0]
+    z = latent_edit.truncated_normal(torch.randn(7, 6, generator=torch.Generator().manual_seed(0)), 1.5, 1)
+    with torch.no_grad():
+        want = data.to_uint8(G(z))[:, 0].numpy()
+    assert np.array_equal(read_folder(tmp_path / "s" / "truncation_1.5-dfilter-0", 7), want)
+
+
+def test_d_filter_writes_exactly_the_samples_the_discriminator_scores_at_least_p(ckpt, tmp_path, monkeypatch,
+                                                                                 capsys):
+    import dcgan
+    path = ckpt("dcgan")
+    scored = []
+
+    def forward(self, x):  # a D that passes a known share: image i of a batch of n gets (i + 0.5) / n
+        scored.append(x.clone())
+        return torch.logit((torch.arange(len(x), dtype=torch.float32) + 0.5) / len(x))
+    monkeypatch.setattr(dcgan.Discriminator, "forward", forward)
+    edit("sample", "--ckpt", path, "--d-filter", "0.75", "--n", "130", "--out-dir", tmp_path / "s",
+         "--out", tmp_path / "s.png")
+    # The 130 base codes first (33 of them pass: (i + 0.5) / 130 >= 0.75 from i = 97), then fresh draws of
+    # 256 (64 pass each): 33 + 64 + 64 >= 130 after three batches, of which the first 130 are written.
+    assert [len(x) for x in scored] == [130, 256, 256]
+    assert "passed 161 of 642 samples (25.1%)" in capsys.readouterr().err
+    kept = torch.cat([scored[0][97:], scored[1][192:], scored[2][192:]])[:130]
+    assert np.array_equal(read_folder(tmp_path / "s" / "dfilter-0.75", 130), data.to_uint8(kept)[:, 0].numpy())
+
+
+def test_d_filter_stops_when_the_discriminator_rejects_almost_everything(ckpt, tmp_path, capsys):
+    path = ckpt("dcgan")
+    c = torch.load(path, weights_only=True)
+    c["D"][[k for k in c["D"] if k.endswith("weight")][-1]].zero_()  # D's last conv: logit 0, sigmoid(D) = 1/2
+    torch.save(c, path)
+    said = refused(capsys, r"--d-filter 0.6: the discriminator passed only 0 of 5\d\d\d samples, so it rejects "
+                           r"almost everything \(a collapsed or over-confident D\); 0 of 20 were written to",
+                   "sample", "--ckpt", path, "--d-filter", "0.6", "--n", "20", "--out-dir", tmp_path / "s")
+    assert "lower --d-filter" in said and os.listdir(tmp_path / "s" / "dfilter-0.6") == []
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "nan", "0.5,2"])
+def test_d_filter_outside_0_1_is_refused_before_the_checkpoint_is_read(tmp_path, capsys, value):
+    refused(capsys, r"--d-filter|not a finite number", "sample", "--ckpt", tmp_path / "none.pt", "--d-filter", value)
+
+
+@pytest.mark.parametrize("script", ENCODERS)
+def test_recon_writes_decode_of_the_mean_code_of_the_first_held_out_images(ckpt, tmp_path, script):
+    path = ckpt(script)
+    edit("sample", "--ckpt", path, "--recon", "--n", "5", "--grid", "2", "--out-dir", tmp_path / "s",
+         "--out", tmp_path / "s.png")
+    assert os.listdir(tmp_path / "s") == ["recon"]          # alone: no prior samples
+    model = latent_edit.load(path, "cpu")[0]
+    x = data.to_float(data.load("fake", split="test", img_size=S, channels=1, verbose=False).images[:5])
+    with torch.no_grad():                                     # the mean code, not a sampled z; eval mode
+        want = data.to_uint8(model.decode(model.encode(x)[0]))[:, 0].numpy()
+    assert np.array_equal(read_folder(tmp_path / "s" / "recon", 5), want)
+    assert not np.array_equal(want, data.to_uint8(x)[:, 0].numpy())  # reconstructions, not the inputs
+
+
+def test_recon_beyond_the_held_out_split_or_without_one_is_refused(ckpt, folder_ckpt, tmp_path, capsys):
+    refused(capsys, r"--recon --n 513 asks for more reconstructions than the 512 held-out images",
+            "sample", "--ckpt", ckpt("vae_conv"), "--recon", "--n", "513", "--out-dir", tmp_path / "s")
+    path, _ = folder_ckpt
+    refused(capsys, r"--recon reconstructs held-out images and .* has no held-out split", "sample", "--ckpt", path,
+            "--recon", "--data-root", tmp_path / "root")
+
+
+@pytest.mark.parametrize("script", list(TRAIN))
+def test_the_scripts_sample_stream_is_as_before_the_move(ckpt, tmp_path, script):
+    """--sample N of a model script: decode (or G) of z drawn N x latent, 500 at a time, from a generator on
+    the device seeded --seed + 1: the same images for the same seed as before the sampling variants moved."""
+    import importlib
+    path = ckpt(script)
+    importlib.import_module(script).main(["--resume", str(path), "--epochs", "0", "--sample", "3", "--device", "cpu"])
+    model = latent_edit.load(path, "cpu")[0]
+    z = torch.randn(3, model.latent_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = data.to_uint8(model.decode(z) if script in ENCODERS else model(z))[:, 0].numpy()
+    assert np.array_equal(read_folder(os.path.join(os.path.dirname(path), "samples"), 3), want)
