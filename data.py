@@ -1,22 +1,18 @@
-"""data.py: datasets -> cached uint8 tensors -> shuffled float batches on the device; and the machinery of
-a training run that every model script shares (its flags, device, checkpoint, position and stop signals).
+"""data.py: datasets -> cached uint8 tensors -> shuffled float batches on the device; and what every model script
+needs around its training loop (Run: its flags, device, checkpoint, place in the run, stop signals, files).
 
     ds = data.load("celeba", root="data", img_size=64)    # ImageSet; ds.images: uint8 N x C x H x W
     loader = data.Loader(ds.images, 128, "cuda", flip=True)
     for x in loader.epoch(epoch): ...                       # float32 in [-1, 1] on the device
 
 Sources: mnist, fashion-mnist, cifar10 (torchvision's downloaders, into <root>), celeba (<root>/celeba in
-torchvision's or Kaggle's layout, see CELEBA_FILES), any folder of images (recursive; optional
-attributes.csv of filename,attr1,... with 1/0 or 1/-1), and fake (synthetic, made in memory).
-
-Every image goes one way: to L or RGB (grayscale and palette expanded, 16-bit scaled to 8 bits,
-transparency composited on black), center-cropped to crop x crop if asked (108: the usual CelebA face
-crop), the shorter side resized to img_size with antialiased bilinear (torchvision's Resize on PIL
-images), center-cropped to img_size x img_size. The first load of a dataset, split and size decodes all
-images once, in worker processes, into <root>/cache/<name>-...-<hash>.npy (+ .npz: labels, attributes,
-names); later loads memory-map it. The hash covers the settings and every source file's path, size,
-mtime and ctime (chmod and chown change the ctime: a file made readable is decoded again). Progress and
-warnings go to stderr; expected failures raise DataError.
+torchvision's or Kaggle's layout, see CELEBA_FILES), any folder of images (recursive; optional attributes.csv of
+filename,attr1,... with 1/0 or 1/-1), and fake (synthetic, made in memory). Every image goes one way: to L or RGB
+(16-bit scaled to 8 bits, transparency composited on black), center-cropped to crop x crop if asked (108: the
+usual CelebA face crop), the shorter side resized to img_size (antialiased bilinear, as torchvision's Resize),
+center-cropped. The first load of a dataset, split and size decodes it once, in worker processes, into
+<root>/cache/<name>-...-<hash>.npy (+ .npz: labels, attributes, names); later loads memory-map it. The hash covers
+the settings and every file's path, size, mtime and ctime. Expected failures raise DataError (one sentence).
 """
 import argparse
 import contextlib
@@ -49,7 +45,7 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "celeba", "fake")
 DEFAULT_IMG_SIZE = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32, "celeba": 64, "fake": 32}
 FOLDER_IMG_SIZE = 64
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-DOWNLOAD_TIMEOUT_S = 15  # socket timeout of the downloads (as in metrics.py): a silent server fails fast
+DOWNLOAD_TIMEOUT_S = 15  # socket timeout of the downloads: a silent server fails fast
 
 
 class DataError(ValueError):
@@ -57,15 +53,20 @@ class DataError(ValueError):
 
 
 def fail(msg):
-    """End the process with one sentence and exit status 1: how every expected failure of a script ends."""
+    """How every expected failure of a script ends: one sentence, exit status 1."""
     sys.exit(f"error: {msg}")
 
 
 def interrupted(what):
-    """Ctrl-C outside the training loop (decoding the cache, the reference's feature pass, writing samples):
-    one sentence and exit 130, as a shell expects, instead of a traceback."""
+    """Ctrl-C outside the training loop: one sentence and exit 130 (as a shell expects), no traceback."""
     print(f"error: stopped by Ctrl-C {what}", file=sys.stderr, flush=True)
     sys.exit(130)
+
+
+def _reason(e):
+    """The first line of an exception, short, for the end of a sentence."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:120].rstrip(':') if text else ''}"
 
 
 @dataclasses.dataclass
@@ -86,15 +87,14 @@ def has_test_split(name):
 
 
 def to_float(u8):
-    """uint8 -> float32 in [-1, 1] (u8.float() / 127.5 - 1)."""
+    """uint8 -> float32 in [-1, 1] (u8 / 127.5 - 1)."""
     if u8.dtype != torch.uint8:
         raise TypeError(f"to_float expects uint8 images, not {u8.dtype}")
     return u8.float().div_(127.5).sub_(1)
 
 
 def to_uint8(images):
-    """[-1, 1] float images -> uint8 pixels round((x + 1) * 127.5), clamped to [0, 255]: what
-    write_pngs writes, and what metrics.py scores in memory during training."""
+    """[-1, 1] images -> uint8 round((x + 1) * 127.5): what write_pngs writes and metrics.py scores in memory."""
     return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -115,36 +115,32 @@ def _shape_mask(c, u, v):
 
 
 def fake(split="train", img_size=32, channels=3):
-    """Deterministic synthetic ImageSet: 10 classes of coloured shapes with 3 binary attributes
-    (bright background, large shape, striped shape). Generated at img_size; nothing on disk."""
+    """Deterministic synthetic ImageSet: 10 classes of coloured shapes with 3 binary attributes (bright
+    background, large shape, striped shape), made at img_size; nothing on disk."""
     if split not in FAKE_SIZE:
         raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
     n = FAKE_SIZE[split]
     g = torch.Generator().manual_seed(1234 if split == "train" else 5678)
-    labels = torch.arange(n) % 10
-    labels = labels[torch.randperm(n, generator=g)]
+    labels = (torch.arange(n) % 10)[torch.randperm(n, generator=g)]
     attrs = (torch.rand(n, 3, generator=g) < 0.5).to(torch.uint8)
     colour = 0.35 + 0.65 * torch.rand(n, 3, 1, 1, generator=g)
     centre = 0.3 * (torch.rand(n, 2, 1, 1, generator=g) - 0.5)
     radius = torch.where(attrs[:, 1:2].bool(), 0.75, 0.4).view(n, 1, 1)
     grid = torch.linspace(-1, 1, img_size)
-    u = (grid.view(1, 1, -1) - centre[:, 0]) / radius
-    v = (grid.view(1, -1, 1) - centre[:, 1]) / radius
+    u, v = (grid.view(1, 1, -1) - centre[:, 0]) / radius, (grid.view(1, -1, 1) - centre[:, 1]) / radius
     mask = torch.zeros(n, img_size, img_size, dtype=torch.bool)
     for c in range(10):
-        i = labels == c
-        mask[i] = _shape_mask(c, u[i], v[i])
+        mask[labels == c] = _shape_mask(c, u[labels == c], v[labels == c])
     stripes = (torch.sin(grid * 3.1416 * img_size / 6).view(1, -1, 1) > 0) | ~attrs[:, 2:3].bool().view(n, 1, 1)
     background = torch.where(attrs[:, 0].bool(), 0.8, 0.1).view(n, 1, 1, 1)
-    shade = torch.where(stripes, 1.0, 0.5).unsqueeze(1)
-    img = torch.where(mask.unsqueeze(1), colour * shade, background)
+    img = torch.where(mask.unsqueeze(1), colour * torch.where(stripes, 1.0, 0.5).unsqueeze(1), background)
     if channels == 1:
         img = 0.299 * img[:, 0:1] + 0.587 * img[:, 1:2] + 0.114 * img[:, 2:3]
     images = (img * 255).round().to(torch.uint8)
     return ImageSet("fake", images, labels, list(FAKE_CLASSES), attrs, list(FAKE_ATTRS))
 
 
-# ---------------------------------------------------------------- reading one image
+# ---------------------------------------------------------------- reading and writing single images
 def list_images(folder):
     """Sorted image files under folder (recursive); DataError if the folder is missing or has none."""
     folder = pathlib.Path(folder)
@@ -157,7 +153,7 @@ def list_images(folder):
 
 
 def _open(path, channels):
-    """Open an image file as a PIL image in mode L or RGB (see read_image for the conversions)."""
+    """An image file as a PIL image in mode L or RGB (see read_image for the conversions)."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -173,35 +169,32 @@ def _open(path, channels):
 
 
 def read_image(path, channels=3):
-    """uint8 C x H x W tensor. Grayscale, palette and 16-bit images are converted (16-bit is
-    scaled to 8 bits), transparent images are composited on black; DataError if unreadable."""
+    """uint8 C x H x W: grayscale, palette and 16-bit images converted, transparency composited on black."""
     arr = np.asarray(_open(path, channels))
     return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1).copy())
 
 
 def write_pngs(images, folder, first=0):
-    """[-1, 1] images B x C x H x W -> folder/NNNNNN.png (uint8, 1 or 3 channels), numbered from
-    `first`: the single images metrics.py reads. A failed write (a full disk) raises DataError
-    and leaves no partial file behind."""
+    """[-1, 1] images B x C x H x W -> folder/NNNNNN.png from number `first` (uint8, 1 or 3 channels): the single
+    images metrics.py reads. A failed write (a full disk) is a DataError and leaves no partial file."""
     os.makedirs(folder, exist_ok=True)
-    u8 = to_uint8(images).cpu()
-    for j, img in enumerate(u8):
+    for j, img in enumerate(to_uint8(images).cpu()):
         path = os.path.join(folder, f"{first + j:06d}.png")
         try:
             Image.fromarray(img.permute(1, 2, 0).squeeze(2).numpy()).save(path)
         except OSError as e:
             if os.path.lexists(path):
                 os.remove(path)
-            raise DataError(f"could not write {path} ({e.strerror or e}); "
-                            f"{first + j} images were written before it") from None
+            raise DataError(f"could not write {path} ({e.strerror or e}); {first + j} images were written "
+                            f"before it") from None
 
 
 # ---------------------------------------------------------------- sources
 @dataclasses.dataclass
 class _Source:
     name: str                    # names the cache file
-    files: list                  # absolute paths of the files whose sizes and mtimes key the cache
-    items: object                # list of absolute image paths, or a uint8 array N x H x W (x C)
+    files: list                  # the files whose sizes and dates key the cache
+    items: object                # list of image paths, or a uint8 array N x H x W (x C)
     channels: int = 3            # native channels
     labels: np.ndarray | None = None
     classes: list | None = None
@@ -222,12 +215,6 @@ CELEBA_FILES = ("img_align_celeba/ (the 202,599 aligned JPEGs) with list_attr_ce
                 "list_eval_partition.csv (Kaggle layout)")
 
 
-def _reason(e):
-    """The first line of an exception, short, for the end of a DataError sentence."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:120].rstrip(':') if text else ''}"
-
-
 def _torchvision_source(name, root, split, download):
     import torchvision.datasets
     cls, folder, what = TORCHVISION[name]
@@ -236,23 +223,22 @@ def _torchvision_source(name, root, split, download):
     try:
         ds = getattr(torchvision.datasets, cls)(root, train=split == "train", download=download)
     except Exception as e:  # a downloader or a missing file: never a traceback
-        why = _reason(e) if download else "download=False"
-        if isinstance(e, TimeoutError):
-            why = f"no answer within {DOWNLOAD_TIMEOUT_S} s"
+        why = f"no answer within {DOWNLOAD_TIMEOUT_S} s" if isinstance(e, TimeoutError) else \
+            _reason(e) if download else "download=False"
         raise DataError(f"{name} is not in {root / folder} and could not be downloaded ({why}); "
                         f"put {what} in {root / folder}") from None
     finally:
         socket.setdefaulttimeout(old_timeout)
     items = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
     files = sorted(p for p in (root / folder).iterdir() if p.is_file())
-    return _Source(name, files, items, 1 if items.ndim == 3 else 3,
-                   np.asarray(ds.targets, dtype=np.int64), list(ds.classes))
+    return _Source(name, files, items, 1 if items.ndim == 3 else 3, np.asarray(ds.targets, dtype=np.int64),
+                   list(ds.classes))
 
 
-def _read_table(path):
-    """(header names, first column, the other columns as int64) of a .csv (comma-separated) or a
-    CelebA .txt list (whitespace). Leading lines whose first cell is not an image file name are
-    headers: list_attr_celeba.txt has a count and the names, list_eval_partition.txt none."""
+def _read_table(path, attributes=False):
+    """(header names, first column, the other columns as int64) of a .csv or a CelebA .txt list (whitespace):
+    leading lines whose first cell is no image file name are headers (list_attr_celeba.txt: a count, then the
+    names). attributes: values 1/0 or 1/-1 under a line of names, returned as uint8 0/1."""
     sep = "," if str(path).lower().endswith(".csv") else None
     with open(path) as f:
         head = [f.readline().split(sep) for _ in range(3)]
@@ -267,17 +253,10 @@ def _read_table(path):
     except ValueError:
         raise DataError(f"{path} is not a table of image file names and whole numbers") from None
     names = [c.strip() for c in head[skip - 1][-values.shape[1]:]] if skip else []
-    return names, files, values
-
-
-def _read_attrs(path):
-    """(names, file names, uint8 0/1 array N x A) of an attribute table (see _read_table) with a
-    header of names and values 1/0 or 1/-1."""
-    names, files, values = _read_table(path)
-    if len(names) != values.shape[1] or not (np.abs(values) <= 1).all():
-        raise DataError(f"{path} is not a table of filenames and 1/0 or 1/-1 values under a header "
-                        f"line of attribute names")
-    return names, files, (values == 1).astype(np.uint8)
+    if attributes and (len(names) != values.shape[1] or not (np.abs(values) <= 1).all()):
+        raise DataError(f"{path} is not a table of filenames and 1/0 or 1/-1 values under a header line of "
+                        f"attribute names")
+    return names, files, (values == 1).astype(np.uint8) if attributes else values
 
 
 def _find_celeba(root):
@@ -289,27 +268,25 @@ def _find_celeba(root):
         found = [next((base / f"{stem}.{ext}" for ext in ("txt", "csv") if (base / f"{stem}.{ext}").is_file()),
                       None) for stem in ("list_attr_celeba", "list_eval_partition")]
         if images.is_dir() and found[0]:
-            return images, found[0], found[1]
+            return images, *found
     return None
 
 
 def _celeba_source(root, split, download):
-    found = _find_celeba(root)
-    failed = ""
+    found, failed = _find_celeba(root), ""
     if found is None and download:
         import torchvision.datasets
         try:
             import gdown  # noqa: F401  (torchvision downloads CelebA from Google Drive with it)
             torchvision.datasets.CelebA(root, split="all", download=True)
-        except Exception as e:  # Google Drive quota, no network, no gdown, ...
-            failed = f" (torchvision's download failed: {_reason(e)})"
-            if isinstance(e, ImportError) and e.name == "gdown":  # (torchvision's "pip install" is no help offline)
-                failed = " (torchvision downloads it with the gdown package, which is not installed)"
+        except Exception as e:  # Google Drive's quota, no network, no gdown ("pip install" is no help offline)
+            failed = " (torchvision downloads it with the gdown package, which is not installed)" if \
+                isinstance(e, ImportError) and e.name == "gdown" else f" (torchvision's download failed: {_reason(e)})"
         found = _find_celeba(root)
     if found is None:
         raise DataError(f"CelebA is not in {root / 'celeba'}{failed}: put {CELEBA_FILES} there")
     images, attr_file, partition_file = found
-    names, files, attrs = _read_attrs(attr_file)
+    names, files, attrs = _read_table(attr_file, attributes=True)
     if partition_file is not None:
         _, part_files, part = _read_table(partition_file)
         wanted = dict(zip(part_files, part[:, 0] == (0 if split == "train" else 2)))
@@ -318,8 +295,7 @@ def _celeba_source(root, split, download):
     elif split == "test":
         raise DataError(f"CelebA's test split needs list_eval_partition.txt or .csv next to {attr_file}")
     paths = [f"{images}/{f}" for f in files]                  # str: 200,000 Paths are slow
-    return _Source("celeba", paths + [attr_file, partition_file or attr_file], paths,
-                   attrs=attrs, attr_names=names)
+    return _Source("celeba", paths + [attr_file, partition_file or attr_file], paths, attrs=attrs, attr_names=names)
 
 
 def _folder_source(folder, split, attr_csv):
@@ -329,18 +305,17 @@ def _folder_source(folder, split, attr_csv):
     attr_csv = pathlib.Path(attr_csv).absolute() if attr_csv else folder / "attributes.csv"
     if not attr_csv.is_file():
         return _Source(folder.resolve().name, paths, paths)
-    names, files, attrs = _read_attrs(attr_csv)
+    names, files, attrs = _read_table(attr_csv, attributes=True)
     row = {f: i for i, f in enumerate(files)}
-    keys = [p.relative_to(folder).as_posix() for p in paths]
-    keys = [k if k in row else pathlib.PurePath(k).name for k in keys]
+    keys = [k if k in row else pathlib.PurePath(k).name for k in (p.relative_to(folder).as_posix() for p in paths)]
     missing = [k for k in keys if k not in row]
     if missing:
         raise DataError(f"{len(missing)} images have no row in {attr_csv} (first: {missing[0]})")
-    return _Source(folder.resolve().name, paths + [attr_csv], paths,
-                   attrs=attrs[[row[k] for k in keys]], attr_names=names)
+    return _Source(folder.resolve().name, paths + [attr_csv], paths, attrs=attrs[[row[k] for k in keys]],
+                   attr_names=names)
 
 
-# ---------------------------------------------------------------- preprocessing and decoding
+# ---------------------------------------------------------------- decoding, in worker processes
 def _center_crop(img, size):
     w, h = img.size
     left, top = int(round((w - size) / 2)), int(round((h - size) / 2))
@@ -348,8 +323,7 @@ def _center_crop(img, size):
 
 
 def _fit(img, size, crop=None):
-    """Center-crop crop x crop first (if given), resize the shorter side to size with antialiased
-    bilinear (what torchvision's Resize does on PIL images) and center-crop size x size."""
+    """Center-crop crop x crop (if given), resize the shorter side to size, center-crop size x size."""
     if crop:
         img = _center_crop(img, min(crop, *img.size))
     w, h = img.size
@@ -374,9 +348,9 @@ def _decode_chunk(job):
 
 
 def _worker_start(parent):
-    """In each decoding process: Ctrl-C at a terminal reaches the whole process group, but only the parent
-    acts on it (it stops the pool, which lets the workers finish their chunk and end); and a worker ends
-    as soon as its parent is gone (killed with -9), instead of living on re-parented."""
+    """In each worker: Ctrl-C at a terminal reaches the whole process group but only the parent acts on it
+    (it stops the pool; the workers finish their chunk and end); and a worker ends once its parent is gone
+    (killed with -9) instead of living on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch():
@@ -388,17 +362,14 @@ def _worker_start(parent):
 
 def cpu_count():
     """The CPUs this process may use: its affinity where the system has one (Linux), else all of them."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 DECODE_CHUNK = 256  # images per job sent to a worker process
 
 
 def _decode(source, out, size, crop, channels, workers, verbose):
-    """Decode all of source.items into out (rows in order, unreadable ones skipped, in parallel
-    worker processes); returns the indices of the decoded items."""
+    """Decode source.items into out (in order, unreadable ones skipped, in worker processes); -> kept indices."""
     n, step = len(source.items), DECODE_CHUNK
     jobs = [(source.items[i:i + step], size, crop, channels) for i in range(0, n, step)]
     workers = workers or min(8, cpu_count())
@@ -414,8 +385,8 @@ def _decode(source, out, size, crop, channels, workers, verbose):
             done, now = min(n, (j + 1) * step), time.time()
             if verbose and (now - shown > 0.5 or done == n):
                 shown, rate = now, done / max(now - t0, 1e-9)
-                print(f"\rdecoding {source.name}: {done}/{n} images, {rate:.0f}/s, "
-                      f"ETA {(n - done) / rate:.0f}s ", end="\n" if done == n else "", file=sys.stderr, flush=True)
+                print(f"\rdecoding {source.name}: {done}/{n} images, {rate:.0f}/s, ETA {(n - done) / rate:.0f}s ",
+                      end="\n" if done == n else "", file=sys.stderr, flush=True)
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -433,7 +404,7 @@ TEMP_KINDS = ("tmp", "part", "meta")   # <cache file>.<pid>.<kind>: a build's te
 
 
 def _cache_key(source, split, size, crop, channels):
-    """Hash of everything the cached array depends on: settings and each file's path, size, mtime and ctime."""
+    """Hash of the settings and each file's path, size, mtime and ctime (chmod changes the ctime too)."""
     h = hashlib.sha256(repr((CACHE_VERSION, source.name, split, size, crop, channels)).encode())
     for f in source.files:
         try:
@@ -445,8 +416,6 @@ def _cache_key(source, split, size, crop, channels):
 
 
 def _alive(pid):
-    if os.name != "posix":  # (os.kill would end the process on Windows): assume it still runs
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -458,30 +427,29 @@ def _alive(pid):
 
 def _remove_stale(folder):
     """The temporary files of cache builds whose process is gone (killed with -9, a power cut)."""
-    for p in folder.glob("*.*.*") if folder.is_dir() else []:
+    for p in folder.glob("*.*.*") if folder.is_dir() and os.name == "posix" else []:  # (os.kill ends it on Windows)
         _, pid, kind = p.name.rsplit(".", 2)
         if kind in TEMP_KINDS and pid.isdigit() and not _alive(int(pid)):
             p.unlink(missing_ok=True)
 
 
-def _allocate(path, start, size):
-    """Give bytes start .. size of the file their disk blocks now. The cache is written through a memory
-    map, whose blocks a sparse file would only claim when written: a disk that another writer fills
-    meanwhile would then end the process with a bus error instead of an OSError here."""
+def _allocate(path, start, end):
+    """Give bytes start..end of the file their disk blocks now: a memory map claims a sparse file's blocks only
+    as it writes them, and a disk that another writer fills meanwhile would end in a bus error, not an OSError."""
     with open(path, "r+b") as f:
         try:
-            os.posix_fallocate(f.fileno(), start, size - start)
-        except (AttributeError, OSError) as e:  # no posix_fallocate (macOS, Windows) or not on this file system
-            if isinstance(e, OSError) and e.errno not in (95, 22):  # EOPNOTSUPP, EINVAL: write zeros instead
+            os.posix_fallocate(f.fileno(), start, end - start)
+        except (AttributeError, OSError) as e:  # none on macOS and Windows, or not on this file system: write zeros
+            if isinstance(e, OSError) and e.errno not in (95, 22):  # EOPNOTSUPP, EINVAL
                 raise
-            f.seek(start)
-            for done in range(start, size, 1 << 26):
-                f.write(bytes(min(1 << 26, size - done)))
+            for at in range(start, end, 1 << 26):
+                f.seek(at)
+                f.write(bytes(min(1 << 26, end - at)))
 
 
 def _build(source, path, size, crop, channels, workers, verbose):
-    """Decode source into path (.npy images) and path.npz (labels, attrs, names as json), each
-    written to a temporary file and renamed into place; no temporary file outlives a failure."""
+    """Decode source into path (.npy images) and path.npz (labels, attrs, names as json), each written to a
+    temporary file and renamed into place; no temporary file outlives a failure."""
     n, t0 = len(source.items), time.time()
     tmp, part, meta = (path.with_name(f"{path.name}.{os.getpid()}.{kind}") for kind in TEMP_KINDS)
     need = n * (channels * size * size + 64) + 2 ** 26      # images, labels and attributes, 64 MiB to spare
@@ -502,9 +470,9 @@ def _build(source, path, size, crop, channels, workers, verbose):
             os.replace(part, tmp)
         del out
         arrays = {k: getattr(source, k)[kept] for k in ("labels", "attrs") if getattr(source, k) is not None}
-        names = json.dumps({"classes": source.classes, "attr_names": source.attr_names})
         with open(meta, "wb") as f:
-            np.savez(f, names=np.array(names), **arrays)
+            np.savez(f, names=np.array(json.dumps({"classes": source.classes, "attr_names": source.attr_names})),
+                     **arrays)
         os.replace(meta, path.with_suffix(".npz"))
         os.replace(tmp, path)
     except OSError as e:  # a read-only folder, a full disk, a quota, a disk error
@@ -517,20 +485,11 @@ def _build(source, path, size, crop, channels, workers, verbose):
         print(f"cached {len(kept)} images of {source.name} in {time.time() - t0:.1f}s: {path}", file=sys.stderr)
 
 
-def _read_cache(name, path):
-    images = torch.from_numpy(np.load(path, mmap_mode="c"))
-    with np.load(path.with_suffix(".npz"), allow_pickle=False) as meta:
-        names = json.loads(str(meta["names"]))
-        tensors = {k: torch.from_numpy(meta[k]) for k in ("labels", "attrs") if k in meta}
-    return ImageSet(name, images, tensors.get("labels"), names["classes"], tensors.get("attrs"), names["attr_names"])
-
-
-# ---------------------------------------------------------------- load
 def load(name_or_folder, root="data", split="train", img_size=None, channels=None, crop=None,
          download=True, verbose=True, attr_csv=None, cache_dir=None, workers=None):
-    """An ImageSet of a named dataset or a folder of images (see the module docstring).
-    attr_csv: attributes of a folder (default <folder>/attributes.csv if present); cache_dir:
-    default <root>/cache; workers: decoding processes (default: the CPUs, at most 8)."""
+    """An ImageSet of a named dataset or a folder of images (see the module docstring). attr_csv: a folder's
+    attributes (default <folder>/attributes.csv); cache_dir: default <root>/cache; workers: decoding processes
+    (default: the CPUs, at most 8)."""
     name, root = str(name_or_folder), pathlib.Path(root).absolute()
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r}: use 'train' or 'test'")
@@ -559,19 +518,21 @@ def load(name_or_folder, root="data", split="train", img_size=None, channels=Non
         _build(source, path, size, crop, channels, workers, verbose)
     elif verbose:
         print(f"loading {source.name} {split} from {path}", file=sys.stderr)
-    return _read_cache(name, path)
+    images = torch.from_numpy(np.load(path, mmap_mode="c"))
+    with np.load(path.with_suffix(".npz"), allow_pickle=False) as meta:
+        names = json.loads(str(meta["names"]))
+        t = {k: torch.from_numpy(meta[k]) for k in ("labels", "attrs") if k in meta}
+    return ImageSet(name, images, t.get("labels"), names["classes"], t.get("attrs"), names["attr_names"])
 
 
 # ---------------------------------------------------------------- batches
 class Loader:
-    """Shuffled float batches in [-1, 1] on the device; seeded, optionally sharded by rank.
+    """Shuffled float batches in [-1, 1] on the device; seeded, optionally sharded by rank. The uint8 images
+    live on the device when they fit (CUDA: under half the free memory); else they stay where they are (host
+    memory, the cache's memory map) and each batch is gathered into one of two pinned buffers and copied
+    without blocking."""
 
-    The uint8 images live on the device when they fit (CUDA: under half the free memory), else they
-    stay where they are (host memory, the cache's memory map) and each batch is gathered into one of
-    two pinned buffers, copied to the device without blocking."""
-
-    def __init__(self, images, batch_size, device, seed=0, flip=False, rank=0, world_size=1,
-                 channels_last=False):
+    def __init__(self, images, batch_size, device, seed=0, flip=False, rank=0, world_size=1, channels_last=False):
         images = getattr(images, "images", images)                # an ImageSet works too
         self.device = torch.device(device)
         if batch_size % world_size:
@@ -583,8 +544,7 @@ class Loader:
                             f"of {batch_size}; lower --batch-size")
         self.seed, self.flip, self.rank = seed, flip, rank
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.on_device = self.device.type != "cuda" or \
-            images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 2
+        self.on_device = self.device.type != "cuda" or images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 2
         if self.on_device:
             self.images = images.to(self.device, copy=True)       # on CPU: out of the memory map
         else:                                                     # pin two batches, not the dataset
@@ -610,16 +570,15 @@ class Loader:
         return x
 
     def epoch(self, epoch=0, start=0):
-        """The batches of one epoch: the permutation of seed + epoch, this rank's shard of it. With flip,
-        each image is mirrored with probability 1/2; the mirrored ones are put first in their batch, so
-        that one in-place slice flip on the device does them all. start: resume part-way, yielding
-        batches start, start + 1, ... of the same epoch."""
+        """The batches of one epoch: the permutation of seed + epoch, this rank's shard of it. With flip, each
+        image is mirrored with probability 1/2, the mirrored ones first in their batch (one slice flip does
+        them all). start: resume part-way, at batch start of the same epoch."""
         if not 0 <= start <= len(self):
             raise DataError(f"cannot start epoch {epoch} at batch {start}: it has {len(self)} batches")
         g = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(len(self.images), generator=g)
         batches = perm[self.rank * self.per_rank:][:len(self) * self.batch].view(len(self), self.batch)
-        flips = torch.rand(batches.shape, generator=g) < 0.5 if self.flip else torch.zeros_like(batches, dtype=torch.bool)
+        flips = torch.rand(batches.shape, generator=g) < 0.5 if self.flip else torch.zeros(batches.shape, dtype=bool)
         order = flips.int().sort(dim=1, descending=True, stable=True).indices
         batches, n_flip = batches.gather(1, order).to(self.images.device), flips.sum(1).tolist()
         for i in range(start, len(self)):
@@ -629,7 +588,7 @@ class Loader:
             yield to_float(x.contiguous(memory_format=self.memory_format))
 
 
-# ---------------------------------------------------------------- the device and the run's files
+# ---------------------------------------------------------------- the device, and the checkpoint's file
 SCRIPTS = ("dcgan", "mlp_gan", "vae_conv", "mlp_vae", "vaegan")  # the model scripts, whose checkpoints these are
 
 
@@ -644,10 +603,8 @@ def resolve_device(name="auto"):
         raise DataError(f"{name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type not in ("cpu", "cuda", "mps"):
         raise DataError(f"--device {name} is not one these scripts run on; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "mps" and not mps:
-        raise DataError(f"--device {name} was asked for but MPS is not available; use --device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not mps or device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {name} was asked for but {device.type.upper()} is not available; use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise DataError(f"--device {name} was asked for but there are only {torch.cuda.device_count()} CUDA "
                         f"devices; use --device cuda:0")
@@ -655,8 +612,8 @@ def resolve_device(name="auto"):
 
 
 def read_checkpoint(path, script=None, upgrade=None):
-    """The dict a model script saved (script: only that one's), read with weights_only=True so that nothing
-    in the file can run; any other file is a DataError saying what it is (never PyTorch's own message, which
+    """The dict a model script saved (script: only that one's), read with weights_only=True so that nothing in
+    the file can run; any other file is a DataError that says what it is (never PyTorch's own message, which
     advises loading the file unsafely). upgrade(args) fills in what an older version's checkpoint lacks."""
     use = "pass the ckpt.pt that a model script wrote to its --out folder"
     if os.path.isdir(path):
@@ -675,15 +632,13 @@ def read_checkpoint(path, script=None, upgrade=None):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PyTorch warns about some pickle protocols
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a torch.save zip or a pickle of more than tensors: refused, never run
-        if head.startswith((b"PK", b"\x80")):
-            raise DataError(f"{path} is not a checkpoint written by this project's scripts and may be unsafe to "
-                            f"load; nothing in it was run") from None
-        raise DataError(f"{path} is not a PyTorch checkpoint; {use}") from None
+    except pickle.UnpicklingError:  # a zip or pickle of more than tensors: refused, nothing in it run
+        raise DataError(f"{path} is not a checkpoint written by this project's scripts and may be unsafe to load; "
+                        f"nothing in it was run" if head.startswith((b"PK", b"\x80")) else
+                        f"{path} is not a PyTorch checkpoint; {use}") from None
     except Exception:  # noqa: BLE001  (PyTorch raises many kinds for a file it cannot parse)
-        if head.startswith(b"PK"):
-            raise DataError(f"{path} is a damaged or truncated checkpoint (or another zip archive); {use}") from None
-        raise DataError(f"{path} is not a PyTorch checkpoint; {use}") from None
+        raise DataError(f"{path} is a damaged or truncated checkpoint (or another zip archive); {use}"
+                        if head.startswith(b"PK") else f"{path} is not a PyTorch checkpoint; {use}") from None
     scripts = f"{script}.py" if script else f"one of {', '.join(s + '.py' for s in SCRIPTS)}"
     if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise DataError(f"{path} holds a {type(ckpt).__name__} without a 'script' entry, so it was not written by "
@@ -691,21 +646,20 @@ def read_checkpoint(path, script=None, upgrade=None):
     if ckpt["script"] not in ((script,) if script else SCRIPTS):
         raise DataError(f"{path} was not written by {scripts} (its script is {ckpt['script']!r}); use the script "
                         f"that wrote it")
-    what = lambda v: "missing" if v is None else f"a {type(v).__name__}"
     if not isinstance(ckpt.get("args"), dict):
-        raise DataError(f"{path} has no settings ('args') to rebuild the {ckpt['script']}.py model from: that entry "
-                        f"is {what(ckpt.get('args'))}, not a dict of flags; the file is damaged")
+        raise DataError(f"{path} has no settings ('args') to rebuild the {ckpt['script']}.py model from: it is damaged "
+                        f"(its 'args' entry is {type(ckpt.get('args')).__name__}, not a dict of flags)")
     for key in ("epoch", "step"):
         if not isinstance(ckpt.get(key), int):
-            raise DataError(f"{path} is damaged: its {key!r} entry is {what(ckpt.get(key))}, not a whole number")
+            raise DataError(f"{path} is damaged: its {key!r} entry is {type(ckpt.get(key)).__name__}, not an int")
     if upgrade:
         upgrade(ckpt["args"])
     return ckpt
 
 
 def save_checkpoint(path, state):
-    """torch.save(state) into a temporary file renamed onto path, so that a crash or a full disk never tears
-    the file there; DataError, with the temporary file removed, when it cannot be written."""
+    """torch.save(state) into a temporary file renamed onto path: a crash or a full disk never tears the file
+    there. A DataError, the temporary file removed, when it cannot be written."""
     try:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
@@ -715,54 +669,13 @@ def save_checkpoint(path, state):
         raise DataError(f"could not write {path} ({getattr(e, 'strerror', None) or str(e).splitlines()[0]})") from None
 
 
-def load_optimizer(opt, state):
-    """opt.load_state_dict(state), which moves each state tensor to its parameter's device and dtype but keeps
-    the saved strides; then each is laid out as its parameter (fused CUDA kernels check all three)."""
-    opt.load_state_dict(state)
-    for p, s in opt.state.items():
-        for k, v in s.items():
-            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                s[k] = torch.empty_like(p).copy_(v)
-
-
-@contextlib.contextmanager
-def evaluating(*nets, exact=None):
-    """Inside: nets in eval mode, no gradients; exact=device: also plain float32 there (no autocast, no TF32
-    matmuls or convolutions), for a number that must not move with the device. All comes back after."""
-    modes, tf32 = [n.training for n in nets], (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    for n in nets:
-        n.eval()
-    if exact is not None:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    off = torch.autocast(torch.device(exact).type, enabled=False) if exact is not None else contextlib.nullcontext()
-    try:
-        with torch.no_grad(), off:
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        for n, mode in zip(nets, modes):
-            n.train(mode)
-
-
-def held_out(images, batch_size, seed, terms, device):
-    """The mean over held-out images (uint8 N x C x H x W) of terms(x, g): a tensor of the per-image means of
-    a batch x in [-1, 1], its noise drawn from g, a CPU generator seeded `seed` (the same on every device and
-    at every epoch). Call it inside evaluating(model, exact=device)."""
-    g, total = torch.Generator().manual_seed(seed), 0
-    for i in range(0, len(images), batch_size):
-        x = to_float(images[i:i + batch_size].to(device))                  # B x C x H x W, float32
-        total = total + terms(x, g) * len(x)
-    return (total / len(images)).tolist()
-
-
 # ---------------------------------------------------------------- a training run
-# What every model script's main() takes from here: the shared flags, checked; the device and the ranks;
-# the output folder; the checkpoint, read and written; where the run stands (epoch: whole epochs done,
-# batch: batches done in the next, step: optimizer steps) and stopping on Ctrl-C/SIGTERM with every rank
-# agreeing. The training loop itself stays in main().
+# What every model script's main() takes from here as parts (its training loop stays in main()): the shared
+# flags, checked; the device and the ranks (torchrun); the output folder; the checkpoint; where the run stands
+# (epoch: whole epochs done, batch: batches done in the next, step: optimizer steps) and stopping on Ctrl-C and
+# SIGTERM with every rank agreeing.
 
 RUNTIME_FLAGS = {"resume", "out", "device", "amp", "compile", "sync_bn", "max_steps", "sample", "weights"}
-RUN_FILES = ("ckpt.pt", "best.pt")  # a folder holding one of them holds a run (that --resume continues)
 
 
 def add_args(p, data="mnist", epochs=10, batch_size=128, img_size="the dataset's own", sync_bn=True):
@@ -792,73 +705,52 @@ def add_args(p, data="mnist", epochs=10, batch_size=128, img_size="the dataset's
 
 
 def _holds_run(folder):
-    return any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES)
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("ckpt.pt", "best.pt"))
 
 
 class Run:
-    """A model script's run: Run(parser, argv, script, check) parses the flags (on --resume, the checkpoint's
-    are the parser's defaults and the command line is parsed again, so whatever is typed wins), reads the
-    checkpoint, picks the device and the ranks (torchrun) and the output folder, and checks every flag before
-    any data is read: its own, then check(args, run) (the script's), then those a checkpoint fixes
-    (shape_flags: a typed one that differs is refused). upgrade(args): fills in an old checkpoint's flags."""
+    """A model script's run. Run(parser, argv, script, check, shape_flags, upgrade) parses the flags (on --resume
+    the checkpoint's are the parser's defaults and the command line is parsed again, so whatever is typed wins),
+    reads the checkpoint (upgrade(args): an older version's flags), picks the device, the ranks and the output
+    folder, and checks every flag before any data is read: the shared ones, a typed one of shape_flags that does
+    not fit the checkpoint's networks, then check(args, run), the script's own."""
 
     def __init__(self, parser, argv, script, check, shape_flags=(), upgrade=None):
         args = parser.parse_args(argv)
         try:
-            self.ckpt = read_checkpoint(args.resume, script, upgrade) if args.resume else None
-            if self.ckpt:
-                parser.set_defaults(**{k: v for k, v in self.ckpt["args"].items()
-                                       if k in vars(args) and k not in RUNTIME_FLAGS})
+            self.ckpt = ckpt = read_checkpoint(args.resume, script, upgrade) if args.resume else None
+            if ckpt:
+                parser.set_defaults(**{k: v for k, v in ckpt["args"].items() if k in vars(args) and k not in
+                                       RUNTIME_FLAGS})
                 args = parser.parse_args(argv)
-            device = resolve_device(args.device)
+            self.device = resolve_device(args.device)
         except DataError as e:
             fail(e)
-        self.args, self.script, ckpt = args, script, self.ckpt
+        self.args, self.script, self.parts, self.caught, self.signum = args, script, {}, 0, 0
         self.ddp = "RANK" in os.environ  # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; plain python: rank 0 of 1
         self.rank, self.world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if self.ddp else (0, 1)
-        if self.ddp and device.type == "cuda":  # one GPU per process
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        self.device = device
+        if self.ddp and self.device.type == "cuda":  # one GPU per process
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(self.device)
         self.epoch, self.batch, self.step = (ckpt["epoch"], ckpt.get("batch", 0), ckpt["step"]) if ckpt else (0, 0, 0)
         self.train = self.epoch < args.epochs
-        self._check_flags()
-        args.out = self.out = self._choose_out()
-        for k in shape_flags if ckpt else ():  # a typed flag that changes a network's shape
-            saved = ckpt["args"].get(k)
-            if saved is not None and getattr(args, k) != saved:
-                flag = "--" + k.replace("_", "-")
-                fail(f"{args.resume} was trained with {flag} {saved}, which {flag} {getattr(args, k)} does not "
-                     f"fit; drop {flag} to use the checkpoint's")
+        self._check(shape_flags)
         check(args, self)
-        if not self.train and not args.sample:
-            fail(f"nothing to train: {f'{args.resume} has finished {self.epoch} epochs' if ckpt else '--epochs is 0'}"
-                 f" and no --sample was asked for; raise --epochs to train on")
-        if ckpt and self.train and 0 < args.max_steps <= self.step:
-            fail(f"nothing to train: {args.resume} is already at step {self.step} and --max-steps is "
-                 f"{args.max_steps}; raise --max-steps or drop it")
-        if self.rank == 0:  # an output folder that cannot be written is found now, not after the first epoch
-            try:
-                os.makedirs(self.out, exist_ok=True)
-                tempfile.TemporaryFile(dir=self.out).close()
-            except OSError as e:
-                fail(f"cannot write to the output folder {self.out} ({e.strerror or e}); choose another --out")
+        self._ready()
         if self.ddp:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.log = print if self.rank == 0 else (lambda *a, **k: None)
         if self.notice:
             self.log(self.notice)
-        args.amp = device.type == "cuda" if args.amp is None else args.amp
+        args.amp = self.device.type == "cuda" if args.amp is None else args.amp
         torch.manual_seed(args.seed + self.rank)
-        self.signum = self.caught = 0
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)  # a non-finite value since the last check
-        self.stopping, self.n, self.seen, self.t0, self.parts = False, 1, 0, time.perf_counter(), {}
+        self.bad = torch.zeros((), dtype=torch.bool, device=self.device)  # a non-finite value since the last check
+        self.stopping, self.n, self.seen, self.t0 = False, 1, 0, time.perf_counter()
 
-    def _check_flags(self):
-        """The shared flags, one sentence each, before anything is read or built."""
-        a = self.args
-        for flag in ("batch_size", "latent_dim", "log_every"):
-            if getattr(a, flag) is not None and getattr(a, flag) < 1:  # (None: the script's default, resolved later)
+    def _check(self, shape_flags):
+        a, ckpt = self.args, self.ckpt
+        for flag in ("batch_size", "latent_dim", "log_every"):  # (None: the script's default, resolved later)
+            if getattr(a, flag) is not None and getattr(a, flag) < 1:
                 fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(a, flag)}")
         for flag in ("epochs", "sample", "max_steps", "crop"):
             if (getattr(a, flag) or 0) < 0:
@@ -868,36 +760,54 @@ class Run:
         if a.img_size is not None and a.img_size < 1:
             fail(f"--img-size must be a positive number of pixels, got {a.img_size}")
         if self.ddp and getattr(a, "sync_bn", False) and self.device.type != "cuda":  # else DDP raises inside
-            fail("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); drop --sync-bn "
-                 "to keep BatchNorm per rank")
+            fail("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); drop --sync-bn to "
+                 "keep BatchNorm per rank")
+        a.out = self.out = self._choose_out()
+        for k in shape_flags if ckpt else ():
+            if ckpt["args"].get(k) is not None and getattr(a, k) != ckpt["args"][k]:
+                flag = "--" + k.replace("_", "-")
+                fail(f"{a.resume} was trained with {flag} {ckpt['args'][k]}, which {flag} {getattr(a, k)} does not "
+                     f"fit; drop {flag} to use the checkpoint's")
+
+    def _ready(self):
+        a, ckpt = self.args, self.ckpt
+        if not self.train and not a.sample:
+            fail(f"nothing to train: {f'{a.resume} has finished {self.epoch} epochs' if ckpt else '--epochs is 0'} "
+                 f"and no --sample was asked for; raise --epochs to train on")
+        if ckpt and self.train and 0 < a.max_steps <= self.step:
+            fail(f"nothing to train: {a.resume} is already at step {self.step} and --max-steps is {a.max_steps}; "
+                 f"raise --max-steps or drop it")
+        if self.rank == 0:  # an output folder that cannot be written is found now, not after the first epoch
+            try:
+                os.makedirs(self.out, exist_ok=True)
+                tempfile.TemporaryFile(dir=self.out).close()
+            except OSError as e:
+                fail(f"cannot write to the output folder {self.out} ({e.strerror or e}); choose another --out")
 
     def _choose_out(self):
-        """--out, or runs/<script>-<data>, or the --resume checkpoint's folder. A new run never destroys an
+        """--out, else runs/<script>-<data> or the --resume checkpoint's folder. A new run never destroys an
         earlier one, and resuming a checkpoint (best.pt) never rewinds the run it came from: where the folder
         holds another run, a typed --out is refused and a default one becomes the next free folder (-2, ...)."""
         a, self.notice = self.args, None
-        own = os.path.dirname(os.path.abspath(a.resume)) if a.resume else None
-        default = own or os.path.join("runs", f"{self.script}-{os.path.basename(os.path.normpath(a.data))}")
+        default = os.path.dirname(os.path.abspath(a.resume)) if a.resume else \
+            os.path.join("runs", f"{self.script}-{os.path.basename(os.path.normpath(a.data))}")
         out, here = a.out or default, os.path.join(a.out or default, "ckpt.pt")
-        if not self.train or not _holds_run(out) or (a.resume and os.path.exists(here) and os.path.samefile(
-                here, a.resume)):
+        if not self.train or not _holds_run(out) or a.resume and os.path.exists(here) and os.path.samefile(here,
+                                                                                                          a.resume):
             return out
-        what = (f"resuming {a.resume} (step {self.step}) there would rewind it" if a.resume else
-                "a new run there would overwrite it")
+        what = f"resuming {a.resume} (step {self.step}) there would rewind it" if a.resume else \
+            "a new run there would overwrite it"
         if a.out:
             fail(f"--out {out} holds a run already and {what}; continue that run with --resume {here}, or choose a "
                  f"fresh --out")
-        n = 2
-        while _holds_run(f"{default}-{n}"):
-            n += 1
+        n = next(n for n in range(2, 10 ** 6) if not _holds_run(f"{default}-{n}"))
         self.notice = f"{default} holds a run already and {what}: this run writes to {default}-{n}"
         return f"{default}-{n}"
 
-    # --- parts of the setup
     def check_memory(self, dry_run, widths="the network widths"):
         """Refuse what cannot fit before allocating any of it: dry_run() builds the networks on the meta device
-        (shapes only, no memory) and runs them on one batch. The estimate: 4 float32 copies of each parameter
-        (weights, gradients, two optimizer moments) and the output of every layer (kept for the backward)."""
+        (shapes only, no memory) and runs one step's forward passes. The estimate: 4 float32 copies of every
+        parameter (weights, gradients, two optimizer moments) and every layer's output (kept for the backward)."""
         outputs = []
 
         def count(m, _inputs, out):
@@ -917,9 +827,9 @@ class Run:
                      f"about {need / 2**30:.0f} GiB but the {self.device.type} device has {have / 2**30:.0f} GiB; "
                      f"lower --img-size, --batch-size or {widths}")
 
+    # --- the parts of the setup
     def images(self, split="train"):
-        """uint8 images of the run's dataset, decoded once into the cache (args.channels becomes theirs); None
-        for a test split the dataset does not have."""
+        """uint8 images of the run's dataset (args.channels becomes theirs); None for a split it does not have."""
         a = self.args
         if split == "test" and not has_test_split(a.data):
             return None
@@ -934,34 +844,18 @@ class Run:
         return images
 
     def loader(self, channels_last=False):
-        """The training images as [-1, 1] batches on the device, this rank's share (None when the run only
-        samples); then every resolved setting is printed."""
+        """This rank's share of the training images as [-1, 1] batches on the device (None when the run only
+        samples); then every setting is printed."""
         a, loader = self.args, None
         if self.train:
             try:
-                loader = Loader(self.images("train"), a.batch_size, self.device, seed=a.seed, flip=a.flip,
-                                rank=self.rank, world_size=self.world, channels_last=channels_last)
+                loader = Loader(self.images(), a.batch_size, self.device, seed=a.seed, flip=a.flip, rank=self.rank,
+                                world_size=self.world, channels_last=channels_last)
             except DataError as e:
                 fail(e)
             self.n = len(loader)
         self.log("settings: " + " ".join(f"{k}={v}" for k, v in vars(a).items()))
         return loader
-
-    def restore(self, memory_format=torch.contiguous_format, **parts):
-        """What the checkpoint holds besides the run's place, each network and optimizer under its name: from
-        the checkpoint when resuming, the networks first moved to the device (an optimizer's state is laid out
-        as its parameters, so those must have their final device, dtype and layout). save() writes them."""
-        for name, part in parts.items():
-            try:
-                if isinstance(part, nn.Module):
-                    if self.ckpt:
-                        part.load_state_dict(self.ckpt[name])
-                    part.to(self.device, memory_format=memory_format)
-                elif self.ckpt:
-                    load_optimizer(part, self.ckpt[name])
-            except KeyError:
-                fail(f"{self.args.resume} has no {name!r} entry: it is damaged or was not written by {self.script}.py")
-            self.parts[name] = part
 
     def memory_format(self, cpu=False):
         """Channels-last (NHWC) for convolutions on CUDA (cuDNN), and on the CPU where cpu says it is faster."""
@@ -973,6 +867,25 @@ class Run:
         """The optimizers' fastest form: one fused kernel per step on CUDA, foreach elsewhere."""
         return {"fused": True} if self.device.type == "cuda" else {"foreach": True}
 
+    def restore(self, memory_format=torch.contiguous_format, **parts):
+        """Each network and optimizer under its name in the checkpoint: its state when resuming (a network's
+        first, moved to the device: an optimizer's state must then match its parameters' device, dtype and
+        strides, which fused CUDA kernels check). save() writes them."""
+        for name, part in parts.items():
+            try:
+                if isinstance(part, nn.Module):
+                    part.load_state_dict(self.ckpt[name]) if self.ckpt else None
+                    part.to(self.device, memory_format=memory_format)
+                elif self.ckpt:
+                    part.load_state_dict(self.ckpt[name])  # on the parameters' device and dtype, the saved strides
+                    for p, state in part.state.items():
+                        for k, v in state.items():
+                            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                                state[k] = torch.empty_like(p).copy_(v)
+            except KeyError:
+                fail(f"{self.args.resume} has no {name!r} entry: it is damaged or not {self.script}.py's")
+            self.parts[name] = part
+
     def fixed_noise(self, n, dim):
         """The latent batch of every epoch's grid: the checkpoint's, or n x dim drawn from the seed."""
         z = self.ckpt["fixed_z"] if self.ckpt else torch.randn(n, dim, generator=torch.Generator().manual_seed(
@@ -981,23 +894,22 @@ class Run:
         return z
 
     def show(self, **nets):
-        """Each network's parameter count ('G: 3,576,704 parameters   D: ...'; a tuple adds its modules), and
-        where a resumed run stands."""
+        """Each network's parameter count ('G: 3,576,704 parameters   D: ...'; a tuple adds its modules)."""
         count = lambda m: sum(p.numel() for x in (m if isinstance(m, tuple) else (m,)) for p in x.parameters())
         self.log("   ".join(f"{name}: {count(m):,} parameters" for name, m in nets.items()))
         if self.ckpt:
             self.log(f"resumed from {self.args.resume}: epoch {self.epoch + 1}, batch {self.batch}, step {self.step}")
 
     def wrap(self, net, ddp=True):
-        """The copy of net that trains: under torchrun DDP (gradients averaged over the ranks; BatchNorm per rank
-        unless --sync-bn), and torch.compile with --compile. net itself stays plain: it is saved and sampled."""
+        """The copy of net that trains: DDP under torchrun (gradients averaged over the ranks; BatchNorm per rank
+        unless --sync-bn) and torch.compile with --compile. net itself stays plain: it is saved and sampled."""
         if self.ddp and ddp:
             if getattr(self.args, "sync_bn", False):
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # in place: net's children are replaced
             net = DDP(net, device_ids=[self.device] if self.device.type == "cuda" else None)
         return torch.compile(net) if self.args.compile else net
 
-    # --- the training loop's parts
+    # --- the parts of the training loop
     @contextlib.contextmanager
     def stop_signals(self):
         """While training, Ctrl-C and SIGTERM (what torchrun sends its workers) only raise a flag: the step in
@@ -1016,12 +928,12 @@ class Run:
     def training(self):
         """Whether there is more to train: epochs left, --max-steps not reached, no stop signal."""
         a = self.args
-        return self.train and self.epoch < a.epochs and not self.signum and not (a.max_steps and self.step >= a.max_steps)
+        at_max = a.max_steps and self.step >= a.max_steps
+        return self.train and self.epoch < a.epochs and not self.signum and not at_max
 
     def batches(self, loader):
-        """The rest of the current epoch's batches (a resumed run starts where its checkpoint stands); the loop
-        calls step_done() after each step. Ends early at --max-steps or a stop signal; after the last batch the
-        run stands at the next epoch."""
+        """The rest of the epoch's batches from where the run stands; step_done() counts each step. Ends early at
+        --max-steps or a stop signal; after the last batch the run stands at the next epoch."""
         self.t0, self.seen = time.perf_counter(), 0
         for x in loader.epoch(self.epoch, start=self.batch):
             yield x
@@ -1032,8 +944,8 @@ class Run:
             self.epoch, self.batch = self.epoch + 1, 0
 
     def step_done(self, values):
-        """After each optimizer step: count it, and flag a non-finite value among values (on the device: no
-        host sync). True at a log step, where the ranks have agreed on NaN and stop signals (one host sync)."""
+        """After each optimizer step: count it and flag a non-finite value (on the device: no host sync). True
+        at a log step, where the ranks have agreed on NaN and stop signals (the one host sync)."""
         a = self.args
         self.step, self.batch, self.seen = self.step + 1, self.batch + 1, self.seen + a.batch_size
         self.bad |= ~torch.isfinite(torch.stack([v.detach().float() for v in values.values()]).sum())
@@ -1051,58 +963,35 @@ class Run:
         nonfinite, signum = flags.tolist()
         if nonfinite:
             ckpt = os.path.join(self.out, "ckpt.pt")
-            kept = f"the last good checkpoint is {ckpt}" if os.path.exists(ckpt) else "no checkpoint was saved"
-            fail(f"the losses became NaN/inf {where}; stopping: {kept} (try a lower --lr)")
+            fail(f"the losses became NaN/inf {where}; stopping: " + (f"the last good checkpoint is {ckpt}" if
+                 os.path.exists(ckpt) else "no checkpoint was saved") + " (try a lower --lr)")
         self.signum = int(signum)
 
     def set_lr(self, lr, *optimizers):
-        """Every optimizer's learning rate for this step: lr, or with --lr-decay linear lr (1 - t / T) at step t
-        of the run's T (the CIFAR-10 report's schedule; from the position, so a resumed run agrees)."""
+        """This step's learning rate: lr, or with --lr-decay linear lr (1 - t / T) at step t of the run's T (the
+        CIFAR-10 report's schedule; from the position, so a resumed run agrees)."""
         if self.args.lr_decay == "linear":
             lr *= 1 - (self.epoch * self.n + self.batch) / (self.args.epochs * self.n)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = lr
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = lr
 
     @property
     def label(self):
         """The epoch the last steps were in, for file names: a partial epoch is named after itself."""
         return self.epoch if self.batch == 0 else self.epoch + 1
 
-    # --- the end of an epoch (rank 0)
     def save(self, name="ckpt.pt"):
-        """OUT/name (ckpt.pt, best.pt): the script's name, its flags, where the run stands and every part of
-        restore() (and the fixed noise)."""
+        """OUT/name (ckpt.pt, best.pt): the script's name, its flags, where the run stands, and restore()'s parts."""
         path = os.path.join(self.out, name)
-        state = {k: v if torch.is_tensor(v) else v.state_dict() for k, v in self.parts.items()}
         try:
             save_checkpoint(path, {"script": self.script, "args": vars(self.args), "epoch": self.epoch,
-                                   "batch": self.batch, "step": self.step, **state})
+                                   "batch": self.batch, "step": self.step,
+                                   **{k: v.cpu() if torch.is_tensor(v) else v.state_dict()
+                                      for k, v in self.parts.items()}})
         except DataError as e:
             kept = f"the previous {name} is kept" if os.path.exists(path) else f"no {name} was saved"
-            fail(f"{e}; {kept}{'' if name == 'ckpt.pt' else f' and ckpt.pt holds step {self.step}'}. Free some "
-                 f"disk space, then resume")
-
-    def save_grid(self, name, images, nrow=8):
-        """OUT/<name>_epoch_NNN.png: images in [-1, 1] as one grid, written to a temporary file and renamed."""
-        path = os.path.join(self.out, f"{name}_epoch_{self.label:03d}.png")
-        grid = vutils.make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
-        pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        try:
-            Image.fromarray(pixels).save(path + ".tmp", format="PNG")
-            os.replace(path + ".tmp", path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(path + ".tmp")
-            fail(f"could not write {path} ({e.strerror or e}); {os.path.join(self.out, 'ckpt.pt')} holds step "
-                 f"{self.step}. Free some disk space, then resume")
-
-    def save_recon(self, x, x_hat):
-        """OUT/recon_epoch_NNN.png: rows of 8 inputs x, each above its 8 reconstructions x_hat."""
-        row = min(8, len(x))
-        n = len(x) - len(x) % row
-        pairs = torch.stack([x[:n].float(), x_hat[:n].float()], 1)                 # n x 2 x C x H x W
-        self.save_grid("recon", pairs.view(-1, row, 2, *x.shape[1:]).transpose(1, 2).flatten(0, 2), nrow=row)
+            fail(f"{e}; {kept}{'' if name == 'ckpt.pt' else f' and ckpt.pt holds step {self.step}'}. Free some disk "
+                 f"space, then resume")
 
     def finish(self):
         """After the training loop: a stop signal ends the process (exit 128 + signal: 130 for Ctrl-C)."""
@@ -1113,20 +1002,3 @@ class Run:
             dist.destroy_process_group()
         if self.signum:
             sys.exit(128 + self.signum)
-
-    def write_samples(self, make, *nets):
-        """--sample N: OUT/samples/000000.png ... (rank 0), make(i, b, g) -> b images in [-1, 1] from number i,
-        500 at a time, their noise drawn from g (seeded seed + 1), the networks in eval mode."""
-        a = self.args
-        if not a.sample or self.rank:
-            return
-        folder, g = os.path.join(self.out, "samples"), torch.Generator(self.device).manual_seed(a.seed + 1)
-        try:
-            with evaluating(*nets):
-                for i in range(0, a.sample, 500):
-                    write_pngs(make(i, min(500, a.sample - i), g), folder, first=i)
-        except DataError as e:
-            fail(e)
-        except KeyboardInterrupt:
-            interrupted(f"while writing {folder}")
-        self.log(f"wrote {a.sample} samples to {folder}")

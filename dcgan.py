@@ -335,15 +335,15 @@ def main(argv=None):
                     log.row(losses)
             if run.rank == 0:
                 run.save()
-                with data.evaluating(G):
-                    run.save_grid("grid", G(fixed_z))
+                with metrics.evaluating(G):
+                    metrics.save_grid(run, "grid", G(fixed_z))
                 log.plot()
                 if evaluation:
                     evaluation.after_epoch()
     run.finish()
 
     # --- Sampling: --sample N single PNGs from fresh z ~ N(0, I), for metrics.py.
-    run.write_samples(samples, G)
+    metrics.write_samples(run, samples, G)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy import linalg
+import torchvision.utils as vutils
 from torchvision.models import inception as tv_inception
 
 import data
@@ -101,6 +102,25 @@ def _reason(e):
     """The first line of an exception, short, for the end of a one-sentence error."""
     text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:120].rstrip(':')}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def evaluating(*nets, exact=None):
+    """Inside: nets in eval mode, no gradients; exact=device: plain float32 there too (no autocast, no TF32
+    matmuls or convolutions), for a number that must not move with the device. All comes back after."""
+    modes, tf32 = [n.training for n in nets], (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    for n in nets:
+        n.eval()
+    if exact is not None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    off = torch.autocast(torch.device(exact).type, enabled=False) if exact is not None else contextlib.nullcontext()
+    try:
+        with torch.no_grad(), off:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        for n, mode in zip(nets, modes):
+            n.train(mode)
 
 
 # ------------------------------------------------------------------ the FID Inception network
@@ -306,7 +326,7 @@ def compute_features(source, model=None, batch_size=50, device="cpu", lapvar=Fal
     pool3, logits, lap, skipped, sizes = [], [], [], [], set()
     done, t0, last_print = 0, time.time(), 0.0
     show = progress and model is not None
-    with torch.inference_mode(), data.evaluating(exact=device):
+    with torch.inference_mode(), evaluating(exact=device):
         for images in _batches(source, batch_size, skipped):
             if len(sizes) < 2:
                 sizes.update(tuple(im.shape[1:]) for im in images)
@@ -442,7 +462,7 @@ def kernel_inception_distance(features, ref_features, subsets=KID_SUBSETS, subse
     return float(np.mean(mmd2)), float(np.std(mmd2))
 
 
-@data.evaluating(exact="cpu")  # no TF32 in the distances (a flag of CUDA's; autocast off)
+@evaluating(exact="cpu")  # no TF32 in the distances (a flag of CUDA's; autocast off)
 def knn_radii(features, k=PR_K, block=PR_BLOCK, device="cpu"):
     """||phi - NN_k(phi)|| for each row phi of features: the distance to its k-th nearest neighbour
     in the same set, the radius of the ball around it (Kynkaenniemi et al. 2019). Float32 distances
@@ -462,7 +482,7 @@ def knn_radii(features, k=PR_K, block=PR_BLOCK, device="cpu"):
     return torch.cat(radii)
 
 
-@data.evaluating(exact="cpu")
+@evaluating(exact="cpu")
 def precision_recall(features, ref_features, k=PR_K, block=PR_BLOCK, device="cpu", ref_radii=None):
     """(precision, recall) of Kynkaenniemi et al. 2019 with k nearest neighbours, as torch-fidelity
     prc_features_to_metric (which uses VGG-16 features by default; here they are pool3 features).
@@ -952,6 +972,43 @@ def plot_csv(csv_path):
     return _draw_losses(series, epoch_starts, png_path)
 
 
+def save_grid(run, name, images, nrow=8):
+    """OUT/<name>_epoch_NNN.png: images in [-1, 1] as one grid, written to a temporary file and renamed."""
+    path = os.path.join(run.out, f"{name}_epoch_{run.label:03d}.png")
+    grid = vutils.make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    try:
+        _write_atomically(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"), "the grid")
+    except MetricsError as e:
+        data.fail(f"{e}; {os.path.join(run.out, 'ckpt.pt')} holds step {run.step}. Free some disk space, then resume")
+
+
+def save_recon(run, x, x_hat):
+    """OUT/recon_epoch_NNN.png: rows of 8 inputs x, each above its 8 reconstructions x_hat."""
+    row = min(8, len(x))
+    n = len(x) - len(x) % row
+    pairs = torch.stack([x[:n].float(), x_hat[:n].float()], 1)                 # n x 2 x C x H x W
+    save_grid(run, "recon", pairs.view(-1, row, 2, *x.shape[1:]).transpose(1, 2).flatten(0, 2), nrow=row)
+
+
+def write_samples(run, make, *nets):
+    """--sample N: OUT/samples/000000.png ... on rank 0, make(i, b, g) -> b images in [-1, 1] from number i, 500
+    at a time, their noise from g (a generator on the device seeded --seed + 1), the networks in eval mode."""
+    a = run.args
+    if not a.sample or run.rank:
+        return
+    folder, g = os.path.join(run.out, "samples"), torch.Generator(run.device).manual_seed(a.seed + 1)
+    try:
+        with evaluating(*nets):
+            for i in range(0, a.sample, 500):
+                data.write_pngs(make(i, min(500, a.sample - i), g), folder, first=i)
+    except data.DataError as e:
+        data.fail(e)
+    except KeyboardInterrupt:
+        data.interrupted(f"while writing {folder}")
+    run.log(f"wrote {a.sample} samples to {folder}")
+
+
 class LossLog:
     """losses.csv of a training run (rank 0 writes it) and its plot losses.png: columns step, epoch, the
     script's values, img_per_s and, for a VAE, its held-out values. A resumed run keeps the rows of the run
@@ -975,11 +1032,22 @@ class LossLog:
                 + "  ".join(f"{k} {v:.4g}" for k, v in numbers.items()) + f"  {rate:.0f} img/s  ETA {eta / 60:.1f} min")
         self._write({"step": run.step, "epoch": run.epoch + 1, **numbers, "img_per_s": rate})
 
-    def held_out(self, values, seconds):
-        """A VAE's held-out values at the end of an epoch: a line, and a row whose training cells are blank."""
+    def held_out(self, model, images, batch_size, terms):
+        """A VAE's held-out losses at the end of an epoch (rank 0; not after a stop signal, which saves at once):
+        the mean over images (uint8) of terms(x, g), the per-image means of a batch x in [-1, 1] whose noise comes
+        from g, a CPU generator seeded --seed. Plain float32, the model in eval mode: the numbers do not move with
+        the device or with --amp. A line, and a row of losses.csv whose training cells are blank."""
         run = self.run
+        if images is None or not self.on or run.signum:
+            return
+        t0, g, total = time.perf_counter(), torch.Generator().manual_seed(run.args.seed), 0
+        with evaluating(model, exact=run.device):
+            for i in range(0, len(images), batch_size):
+                x = data.to_float(images[i:i + batch_size].to(run.device))     # B x C x H x W, float32
+                total = total + terms(x, g) * len(x)
+        values = dict(zip([c for c in self.columns if c.startswith("test_")], (total / len(images)).tolist()))
         run.log(f"====> epoch {run.label}, held out: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items())
-                + f" ({seconds:.1f} s)")
+                + f" ({time.perf_counter() - t0:.1f} s)")
         self._write({"step": run.step, "epoch": run.label, **values})
 
     def _write(self, row):
@@ -1209,7 +1277,7 @@ class TrainingEval:
         run = self.run
         if not again and (run.signum or not _due(run.epoch, run.batch, run.step, vars(run.args))):
             return
-        with data.evaluating(*self.models):
+        with evaluating(*self.models):
             try:
                 self.evaluate(run.step, run.label, self.make, on_best=lambda: run.save("best.pt"))
             except MetricsError as e:  # e.g. FID's square root of a degenerate covariance: a lost row, not a lost run
@@ -1249,7 +1317,7 @@ class TrainingEval:
             raise MetricsError(f"evaluate() was given the sets {sorted(make)}, not {sorted(self.sets)}")
         t0 = time.perf_counter()
         row = {"step": step, "epoch": epoch, "n": self.n}
-        with torch.no_grad(), data.evaluating(exact=self.net.device), _each_note_once(self.shown):
+        with torch.no_grad(), evaluating(exact=self.net.device), _each_note_once(self.shown):
             for name in self.sets:
                 stats = set_stats(name, self.features(name, make[name]), self.args.splits)
                 stats.update(compare_to_reference(name, stats, self.ref, self.args, self.net.device))

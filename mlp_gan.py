@@ -177,13 +177,13 @@ def main(argv=None):
                     log.row(values)
             if run.rank == 0:
                 run.save()
-                with data.evaluating(G):
-                    run.save_grid("grid", G(fixed_z))
+                with metrics.evaluating(G):
+                    metrics.save_grid(run, "grid", G(fixed_z))
                 log.plot()
                 if evaluation:
                     evaluation.after_epoch()
     run.finish()
-    run.write_samples(samples, G)                 # --sample N: single PNGs for metrics.py
+    metrics.write_samples(run, samples, G)                 # --sample N: single PNGs for metrics.py
 
 
 if __name__ == "__main__":

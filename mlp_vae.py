@@ -9,7 +9,6 @@ a 2-d latent, as the MNIST report used them (a 2-d latent space can be drawn as 
     torchrun --nproc_per_node=2 mlp_vae.py --data mnist           # data-parallel on 2 devices
 """
 import argparse
-import time
 
 import torch
 import torch.nn as nn
@@ -105,7 +104,7 @@ def train_step(model, opt, x, args):
 
 def held_out_loss(model, x, g):
     """(-ELBO, recon, KL) in nats per image of a held-out batch: one sampled z per image (as pytorch/examples'
-    vae, not mu), its noise from g (data.held_out: a CPU generator, the same numbers on every device)."""
+    vae, not mu), its noise from g (metrics.LossLog.held_out: a CPU generator, the same on every device)."""
     logits, mu, logvar = model(x, generator=g)
     return torch.stack(vae_loss(logits, x, mu, logvar))
 
@@ -173,23 +172,18 @@ def main(argv=None):
                 losses = train_step(model_train, opt, x, args)
                 if run.step_done(losses):
                     log.row(losses)
-            if run.rank == 0 and test is not None and not run.signum:
-                t0 = time.perf_counter()
-                with data.evaluating(model, exact=device):
-                    held = data.held_out(test, args.batch_size, args.seed, lambda x, g: held_out_loss(model, x, g),
-                                         device)
-                log.held_out(dict(zip(COLUMNS[-3:], held)), time.perf_counter() - t0)
+            log.held_out(model, test, args.batch_size, lambda x, g: held_out_loss(model, x, g))
             if run.rank == 0:
                 run.save()
                 x = data.to_float(loader.images[:32]).to(device)
-                with data.evaluating(model):
-                    run.save_grid("grid", model.decode(fixed_z))
-                    run.save_recon(x, model.decode(model.encode(x)[0]))
+                with metrics.evaluating(model):
+                    metrics.save_grid(run, "grid", model.decode(fixed_z))
+                    metrics.save_recon(run, x, model.decode(model.encode(x)[0]))
                 log.plot()
                 if evaluation:
                     evaluation.after_epoch()
     run.finish()
-    run.write_samples(sets["samples"], model)
+    metrics.write_samples(run, sets["samples"], model)
 
 
 if __name__ == "__main__":

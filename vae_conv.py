@@ -11,7 +11,6 @@ arXiv:1610.00291, Fig. 2 (the encoder and decoder); --arch cifar10-report: the C
 """
 import argparse
 import math
-import time
 
 import torch
 import torch.nn as nn
@@ -172,7 +171,8 @@ def train_step(model, opt, x, args):
 
 def held_out_loss(model, x, g, args):
     """(total, recon, KL) per image of a held-out batch, the negative ELBO when beta = 1: one sampled z per
-    image as pytorch/examples' vae, not mu, its noise from g (data.held_out: the same on every device)."""
+    image as pytorch/examples' vae, not mu, its noise from g (metrics.LossLog.held_out: a CPU generator, the
+    same on every device)."""
     out, mu, logvar = model(x, generator=g)
     return torch.stack(vae_loss(out, x, mu, logvar, args.recon, args.beta))
 
@@ -284,23 +284,18 @@ def main(argv=None):
                 losses = train_step(model_train, opt, x, args)
                 if run.step_done(losses):
                     log.row(losses)
-            if run.rank == 0 and test is not None and not run.signum:
-                t0 = time.perf_counter()
-                with data.evaluating(model, exact=device):                  # float32: not moved by the device
-                    held = data.held_out(test, args.batch_size, args.seed, lambda x, g: held_out_loss(model, x, g,
-                                                                                                       args), device)
-                log.held_out(dict(zip(COLUMNS[-3:], held)), time.perf_counter() - t0)
+            log.held_out(model, test, args.batch_size, lambda x, g: held_out_loss(model, x, g, args))
             if run.rank == 0:
                 run.save()
                 x = data.to_float(loader.images[:32]).to(device)
-                with data.evaluating(model):
-                    run.save_grid("grid", model.decode(fixed_z))
-                    run.save_recon(x, model.decode(model.encode(x)[0]))
+                with metrics.evaluating(model):
+                    metrics.save_grid(run, "grid", model.decode(fixed_z))
+                    metrics.save_recon(run, x, model.decode(model.encode(x)[0]))
                 log.plot()
                 if evaluation:
                     evaluation.after_epoch()
     run.finish()
-    run.write_samples(sets["samples"], model)                              # --sample N, z ~ N(0, I)
+    metrics.write_samples(run, sets["samples"], model)                              # --sample N, z ~ N(0, I)
 
 
 if __name__ == "__main__":

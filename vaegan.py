@@ -16,7 +16,6 @@ prior are not digits.
 """
 import argparse
 import math
-import time
 
 import torch
 import torch.distributed as dist
@@ -276,7 +275,7 @@ def train_step(nets, opts, x, gamma, dis_layer, amp=False, world=1, eps=None, z_
 
 def held_out_losses(model, x, g, dis_layer):
     """Held-out KL, feature MSE and pixel MSE per image of a batch, z ~ q(z|x) with its noise from g
-    (data.held_out: a CPU generator, so that epochs and devices compare)."""
+    (metrics.LossLog.held_out: a CPU generator, so that epochs and devices compare)."""
     mu, logvar = model.encode(x)
     x_tilde = model.decode(reparameterise(mu, logvar, torch.randn(mu.shape, generator=g).to(x.device)))
     feats = model.discriminator(torch.cat([x, x_tilde]), dis_layer)[1]         # 2B x N_l: [x, x~]
@@ -430,23 +429,18 @@ def main(argv=None):
                                equilibrium=args.equilibrium)
                 if run.step_done({k: t[k] for k in LOGGED}):
                     log.row({k: t[k] for k in LOGGED})
-            if run.rank == 0 and test is not None and not run.signum:
-                t0 = time.perf_counter()
-                with data.evaluating(model, exact=device):
-                    held = data.held_out(test, 256, args.seed, lambda x, g: held_out_losses(model, x, g,
-                                                                                             args.dis_layer), device)
-                log.held_out(dict(zip(COLUMNS[-3:], held)), time.perf_counter() - t0)
+            log.held_out(model, test, 256, lambda x, g: held_out_losses(model, x, g, args.dis_layer))
             if run.rank == 0:
                 run.save()
                 x = data.to_float(loader.images[:32]).to(device)
-                with data.evaluating(model):
-                    run.save_grid("grid", model.decode(fixed_z))
-                    run.save_recon(x, model.decode(model.encode(x)[0]))
+                with metrics.evaluating(model):
+                    metrics.save_grid(run, "grid", model.decode(fixed_z))
+                    metrics.save_recon(run, x, model.decode(model.encode(x)[0]))
                 log.plot()
                 if evaluation:
                     evaluation.after_epoch()
     run.finish()
-    run.write_samples(sets["samples"], model)
+    metrics.write_samples(run, sets["samples"], model)
 
 
 if __name__ == "__main__":
