@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torchvision.utils as vutils
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -63,9 +62,12 @@ def interrupted(what):
     sys.exit(130)
 
 
-def _reason(e):
-    """The first line of an exception, short, for the end of a sentence."""
-    text = str(e).strip()
+def _reason(e, strerror=False):
+    """The first line of an exception, short, for the end of a sentence. strerror (metrics.py, whose sentences
+    name the path): an OSError's strerror alone, without errno and path, and the bare type name if no text."""
+    text = (e.strerror if strerror and isinstance(e, OSError) and e.strerror else str(e)).strip()
+    if strerror and not text:
+        return type(e).__name__
     return f"{type(e).__name__}: {text.splitlines()[0][:120].rstrip(':') if text else ''}"
 
 

@@ -12,8 +12,8 @@ One command per picture of the latent-space reports, from the ckpt.pt of any of 
   Bharath 2018, "Inverting the Generator of a Generative Adversarial Network", arXiv:1611.05644).
 * vector: z_att decoded alone and added to the mean code of the images without the attribute.
 * interpolate: linear or spherical (slerp, White 2016 section 2.2) paths between two codes.
-* scatter: the codes in 2-D (the latent itself, two chosen dimensions, or a PCA projection), coloured
-  by class or attribute.
+* scatter: the codes in 2-D (the latent itself, two chosen dimensions, or a PCA projection), coloured by class
+  or attribute.
 * manifold: decoded grid over a 2-D latent plane (Kingma & Welling 2014, "Auto-Encoding Variational
   Bayes", arXiv:1312.6114, figure 4), or over two dimensions / principal directions of a larger one.
 * sample: sample grids side by side for a sweep of the truncation trick (GANs; Brock et al. 2019,
@@ -35,6 +35,7 @@ Images come from data.py with the checkpoint's own settings (dataset, size, chan
 originals, interpolation ends and scatter points from the held-out split when the dataset has one.
 """
 import argparse
+import contextlib
 import difflib
 import importlib
 import json
@@ -73,17 +74,23 @@ class EditError(Exception):
     """An expected failure; str(e) is one plain sentence for the user."""
 
 
+@contextlib.contextmanager
+def plain_errors():
+    """Turns an expected failure of data.py or metrics.py (one plain sentence too) into an EditError."""
+    try:
+        yield
+    except (data.DataError, metrics.MetricsError) as e:
+        raise EditError(str(e)) from None
+
+
 # -----------------------------------------------------------------------------
 # Model, data, codes.
 
 def load(path, device):
-    """(model, checkpoint dict): the model from its own script's load_model, in eval mode. The checkpoint is read
-    as data.read_checkpoint reads it: weights_only, so that nothing in it can run; one sentence if it is no
-    checkpoint of the five scripts."""
-    try:
+    """(model, checkpoint dict): the model from its own script's load_model, in eval mode, the checkpoint read by
+    data.read_checkpoint (weights_only: nothing in it can run); one sentence if it is none of the five scripts'."""
+    with plain_errors():
         ckpt = data.read_checkpoint(path)
-    except data.DataError as e:
-        raise EditError(str(e)) from None
     script = ckpt["script"]
     try:
         module = importlib.import_module(script)
@@ -104,16 +111,33 @@ def slug(name):
     return re.sub(r"\W+", "_", name).strip("_")
 
 
+def beside_ckpt(args, name):
+    """<ckpt dir>/name: where a checkpoint's caches and default outputs go."""
+    return os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
+
+
+def write_cache(obj, path):
+    """Saves obj at path via a renamed temporary file; False where it cannot be written: used, just not cached."""
+    try:
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return True
+    except (OSError, RuntimeError):
+        return False
+
+
 def need_encoder(model, ckpt, what):
     if not hasattr(model, "encode"):
         raise EditError(f"{what} needs an encoder and a {ckpt['script']}.py checkpoint has only a generator; "
                         f"use a checkpoint of vae_conv.py, mlp_vae.py or vaegan.py")
 
 
-def need_2d(model, ckpt, what):
+def need_2d(model, ckpt, args, what):
     if model.latent_dim < 2:
         raise EditError(f"a {what} needs a latent of at least 2 dimensions and this {ckpt['script']}.py model "
                         f"has {model.latent_dim}")
+    if args.dims and not all(0 <= i < model.latent_dim for i in args.dims):  # check_args: they differ
+        raise EditError(f"--dims needs two different latent dimensions from 0 to {model.latent_dim - 1}")
 
 
 def dataset(ckpt, split, root=None):
@@ -122,11 +146,9 @@ def dataset(ckpt, split, root=None):
     if not cfg.get("data"):
         raise EditError("the checkpoint does not say which dataset it was trained on (no 'data' in its args)")
     split = split if data.has_test_split(cfg["data"]) else "train"
-    try:
+    with plain_errors():
         return data.load(cfg["data"], root=root or cfg.get("data_root", "data"), split=split,
                          img_size=cfg.get("img_size"), channels=cfg.get("channels"), crop=cfg.get("crop"))
-    except data.DataError as e:
-        raise EditError(str(e)) from None
 
 
 def subset(n, k, seed):
@@ -193,8 +215,7 @@ def invert(G, images, steps, restarts, device, seed=INVERSION_SEED):
 def inversions(model, ckpt, args, images, index, device):
     """invert() of the training images `index`, cached in <ckpt dir>/inv_<max-images>_<steps>x<restarts>.pt
     (recomputed when the checkpoint's step or the images change): {"z", "mse", "index", "ckpt_step"}."""
-    name = f"inv_{args.max_images}_{args.inversion_steps}x{args.restarts}.pt"
-    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), name)
+    path = beside_ckpt(args, f"inv_{args.max_images}_{args.inversion_steps}x{args.restarts}.pt")
     try:
         cached = torch.load(path, weights_only=True)
         if cached["ckpt_step"] == ckpt.get("step") and torch.equal(cached["index"], index) \
@@ -206,12 +227,7 @@ def inversions(model, ckpt, args, images, index, device):
     print(f"inverting {len(index)} training images ({args.inversion_steps} Adam steps, {args.restarts} starts each)")
     z, mse = invert(model, images, args.inversion_steps, args.restarts, device)
     inv = {"z": z, "mse": mse, "index": index, "ckpt_step": ckpt.get("step")}
-    try:
-        torch.save(inv, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        print(f"inversions: {path}")
-    except (OSError, RuntimeError):
-        print(f"inversions not cached, as {path} cannot be written")
+    print(f"inversions: {path}" if write_cache(inv, path) else f"inversions not cached, as {path} cannot be written")
     return inv
 
 
@@ -229,9 +245,7 @@ def attribute(ds, name):
     if ds.attrs is None and ds.labels is None:
         raise EditError(f"the {ds.name} images have neither attributes nor class labels (a folder needs an "
                         f"attributes.csv), so there is nothing to build an attribute vector from")
-    choices = {}
-    for j, a in enumerate(ds.attr_names or []):
-        choices[a.lower()] = (a, lambda j=j: ds.attrs[:, j].bool())
+    choices = {a.lower(): (a, lambda j=j: ds.attrs[:, j].bool()) for j, a in enumerate(ds.attr_names or [])}
     for c, cls in enumerate(ds.classes or []):
         for alias in (cls, *cls.split(" - ")):
             choices.setdefault(alias.strip().lower(), (cls, lambda c=c: ds.labels == c))
@@ -245,17 +259,16 @@ def attribute(ds, name):
 
 
 def attribute_vector(model, ckpt, args, device, attr):
-    """{"vector", "mean_with", "mean_without", "n_with", "n_without", "attr", "ckpt_step", "inversion",
-    "inversion_mse"} over the codes of up to --max-images training images (an encoder's mean codes mu; a
-    GAN's inversions, with their mean per-pixel MSE), cached in <ckpt dir>/attr_<name>_<max-images>.pt
-    (recomputed when the checkpoint's step or the inversion settings change)."""
+    """z_att, the means it is the difference of and their counts, over the codes of up to --max-images training
+    images (an encoder's mean codes mu; a GAN's inversions, with their mean per-pixel MSE), cached in <ckpt
+    dir>/attr_<name>_<max-images>.pt (recomputed when the checkpoint's step or the inversion settings change)."""
     gan = not hasattr(model, "encode")
     if args.max_images is None:  # each of a GAN's images costs an inversion
         args.max_images = GAN_MAX_IMAGES if gan else 10000
     inversion = [args.inversion_steps, args.restarts] if gan else None
     ds = dataset(ckpt, "train", args.data_root)
     name, mask = attribute(ds, attr)
-    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"attr_{slug(name)}_{args.max_images}.pt")
+    path = beside_ckpt(args, f"attr_{slug(name)}_{args.max_images}.pt")
     try:
         cached = torch.load(path, weights_only=True)
         if cached["ckpt_step"] == ckpt.get("step") and cached["attr"] == name \
@@ -279,26 +292,11 @@ def attribute_vector(model, ckpt, args, device, attr):
     vec = {"vector": mean_with - mean_without, "mean_with": mean_with, "mean_without": mean_without,
            "n_with": int(mask.sum()), "n_without": int((~mask).sum()), "attr": name, "ckpt_step": ckpt.get("step"),
            "inversion": inversion, "inversion_mse": mse}
-    try:
-        torch.save(vec, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        where = path
-    except (OSError, RuntimeError):  # a read-only folder, say: the vector is used, just not cached
-        where = f"not cached, as {path} cannot be written"
+    where = path if write_cache(vec, path) else f"not cached, as {path} cannot be written"
     inverted = f", inversions' mean per-pixel MSE {mse:.4f} in [-1, 1] units" if gan else ""
     print(f"attribute vector of {name} from {vec['n_with']} images with and {vec['n_without']} without "
           f"(|z_att| = {vec['vector'].norm():.3f}{inverted}): {where}")
     return vec
-
-
-def codes_of(model, images, args, device):
-    """(codes, images they decode to) of held-out images: mu and decode(mu), or a GAN's inversion z and G(z)."""
-    if hasattr(model, "encode"):
-        z = encode(model, images, device)
-    else:
-        z, mse = invert(model, images, args.inversion_steps, args.restarts, device)
-        print(f"inverted the {len(images)} originals: mean per-pixel MSE {mse.mean():.4f} in [-1, 1] units")
-    return z, decode(model, z, device)
 
 
 def cmd_attribute(model, ckpt, args, device):
@@ -307,15 +305,18 @@ def cmd_attribute(model, ckpt, args, device):
     names = args.attr.split(",")
     vecs = [attribute_vector(model, ckpt, args, device, a) for a in names]
     ds = dataset(ckpt, "test", args.data_root)
-    has_any = torch.zeros(len(ds), dtype=torch.bool)
-    for vec in vecs:
-        has_any |= attribute(ds, vec["attr"])[1]
+    has_any = torch.stack([attribute(ds, vec["attr"])[1] for vec in vecs]).any(0)
     pool = (~has_any).nonzero().flatten()
     if len(pool) == 0:
         raise EditError(f"every {ds.name} image there is to edit has {' or '.join(v['attr'] for v in vecs)}, "
                         f"so there is no original without it")
     pick = pool[subset(len(pool), args.n, args.seed)]
-    z, recon = codes_of(model, ds.images[pick], args, device)
+    if hasattr(model, "encode"):  # the originals' codes: mu, or a GAN's inversions z
+        z = encode(model, ds.images[pick], device)
+    else:
+        z, mse = invert(model, ds.images[pick], args.inversion_steps, args.restarts, device)
+        print(f"inverted the {len(pick)} originals: mean per-pixel MSE {mse.mean():.4f} in [-1, 1] units")
+    recon = decode(model, z, device)
     if len(vecs) == 1:  # one row per intensity
         shifts = [(f"intensity_{k:g}", k * vecs[0]["vector"]) for k in args.intensities]
     else:  # one intensity per attribute (check_args: as many, or one for all); each alone, then the sum
@@ -326,10 +327,8 @@ def cmd_attribute(model, ckpt, args, device):
     save_grid(torch.cat([data.to_float(ds.images[pick]), recon, *edits]), args.out, len(pick))
     if args.save_dir:
         for (folder, _), imgs in zip(shifts, edits):
-            try:  # one PNG per image, 1-channel images stay grayscale: input for metrics.py
+            with plain_errors():  # one PNG per image, 1-channel images stay grayscale: input for metrics.py
                 data.write_pngs(imgs, os.path.join(args.save_dir, folder))
-            except data.DataError as e:
-                raise EditError(str(e)) from None
         print(f"wrote {len(pick)} edited images to each of {', '.join(f for f, _ in shifts)} in {args.save_dir}")
 
 
@@ -414,8 +413,7 @@ def draw_scatter(xy, groups, axes, title, path, size=512, seed=0):
     draw.text((box[0], box[1] - 4), axes[1], fill="black", font=font, anchor="lb")  # y axis: above it
     for t in range(5):  # tick labels at a quarter of the range apart
         vx, vy = lo + (hi - lo) * t / 4
-        x = box[0] + (box[2] - box[0]) * t / 4
-        y = box[3] - (box[3] - box[1]) * t / 4
+        x, y = box[0] + (box[2] - box[0]) * t / 4, box[3] - (box[3] - box[1]) * t / 4
         draw.line((x, box[3], x, box[3] + 4), fill="black")
         draw.text((x, box[3] + 6), f"{vx:.3g}", fill="black", font=font, anchor="mt")
         draw.line((box[0] - 4, y, box[0], y), fill="black")
@@ -429,12 +427,9 @@ def draw_scatter(xy, groups, axes, title, path, size=512, seed=0):
 
 
 def cmd_scatter(model, ckpt, args, device):
-    """Mean codes of up to --n images in 2-D (two --dims, the plane, or the first two principal directions),
-    coloured by --attr, else by class, else one colour."""
+    """Mean codes of up to --n images in 2-D (two --dims, the plane, or the first two principal directions)."""
     need_encoder(model, ckpt, "scatter")
-    need_2d(model, ckpt, "scatter")
-    if args.dims and not all(0 <= i < model.latent_dim for i in args.dims):  # check_args: they differ
-        raise EditError(f"--dims needs two different latent dimensions from 0 to {model.latent_dim - 1}")
+    need_2d(model, ckpt, args, "scatter")
     ds = dataset(ckpt, "test", args.data_root)
     idx = subset(len(ds), args.n, args.seed)
     mu = encode(model, ds.images[idx], device)
@@ -463,15 +458,13 @@ def cmd_manifold(model, ckpt, args, device):
     """--grid x --grid decodes of centre + q_c s0 d0 + q_r s1 d1 at Gaussian quantiles q (K&W figure 4):
     the plane itself for a 2-D latent; two chosen axes (--dims) around 0; else the first two principal
     directions of the codes around their mean, scaled by their standard deviations."""
-    need_2d(model, ckpt, "manifold")
+    need_2d(model, ckpt, args, "manifold")
     d = model.latent_dim
     centre, scale = torch.zeros(d), torch.ones(2)
     if d == 2 and not args.dims:
         dirs, what = torch.eye(2), "the latent plane"
     elif args.dims or not hasattr(model, "encode"):
-        i, j = args.dims or (0, 1)  # get_args checked that they differ
-        if not (0 <= i < d and 0 <= j < d):
-            raise EditError(f"--dims needs two different latent dimensions from 0 to {d - 1}")
+        i, j = args.dims or (0, 1)  # check_args and need_2d checked them
         dirs, what = torch.eye(d)[[i, j]], f"latent dimensions {i} and {j} (the others 0)"
     else:
         ds = dataset(ckpt, "train", args.data_root)
@@ -489,14 +482,12 @@ def cmd_manifold(model, ckpt, args, device):
 # Sampling: the truncation trick, temperature, an ex-post Gaussian mixture prior.
 
 def truncated_normal(base, threshold, seed):
-    """The truncation trick (Brock et al. 2019, section 3.1): z ~ N(0, I) with every component whose
-    magnitude exceeds the threshold T redrawn until none does, i.e. a normal truncated to [-T, T].
-    base: the first draw, N x D. Each redraw is a whole N x D draw from a generator seeded with `seed`, taken
-    only where a component is still out of bounds: every threshold sees the same candidates in the same
-    order, so components within both of two thresholds agree and the columns of a sweep compare. After
-    TRUNCATION_ROUNDS redraws (a component is still out with probability P(|z| > T)^100, under 1e-20 from
-    T = 0.5 on) the rest are drawn from the truncated normal directly, by its inverse CDF: a tiny T (1e-9)
-    ends too, with the same distribution."""
+    """The truncation trick (Brock et al. 2019, section 3.1): z ~ N(0, I) with every component whose magnitude
+    exceeds the threshold T redrawn until none does, i.e. a normal truncated to [-T, T]. base: the first draw,
+    N x D. Each redraw is a whole N x D draw from a generator seeded with `seed`, taken only where a component is
+    still out of bounds: every threshold sees the same candidates in the same order, so the columns of a sweep
+    compare. After TRUNCATION_ROUNDS redraws (a component is still out with probability P(|z| > T)^100, under
+    1e-20 from T = 0.5 on) the rest come from the truncated normal directly, by its inverse CDF (a tiny T ends)."""
     g = torch.Generator().manual_seed(seed)
     z = base.clone()
     for _ in range(TRUNCATION_ROUNDS):
@@ -576,7 +567,7 @@ def gmm_prior(model, ckpt, args, device):
     """fit_gmm of --components components to the mean codes of up to --max-images training images (Ghosh et
     al. 2020, section 4: ex-post density estimation), cached in <ckpt dir>/gmm_<K>_<max-images>.pt with the
     checkpoint's step and modification time, so that a newer checkpoint is fitted again."""
-    path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"gmm_{args.components}_{args.max_images}.pt")
+    path = beside_ckpt(args, f"gmm_{args.components}_{args.max_images}.pt")
     stamp = [ckpt.get("step"), os.path.getmtime(args.ckpt)]
     try:
         cached = torch.load(path, weights_only=True)
@@ -597,12 +588,7 @@ def gmm_prior(model, ckpt, args, device):
         raise EditError(f"a mixture of {args.components} Gaussians cannot be fitted to these {len(idx)} codes "
                         f"(a covariance became singular); use fewer --components") from None
     gmm.update(ckpt=stamp, n=len(idx))
-    try:
-        torch.save(gmm, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        where = path
-    except (OSError, RuntimeError):
-        where = f"not cached, as {path} cannot be written"
+    where = path if write_cache(gmm, path) else f"not cached, as {path} cannot be written"
     normal = (-0.5 * mu.double().pow(2).sum(1) - 0.5 * mu.shape[1] * math.log(2 * math.pi)).mean()
     print(f"GMM prior: {args.components} components fitted to the mean codes of {len(idx)} training images in "
           f"{len(gmm['loglik'])} EM iterations; mean log-likelihood of those codes {gmm['loglik'][-1]:.3f} "
@@ -616,28 +602,22 @@ def reference(args, ckpt):
     margs = argparse.Namespace(ref=args.ref, n=None, lapvar_only=False, batch_size=50, splits=metrics.IS_SPLITS,
                                data_root=args.data_root or ckpt["args"].get("data_root", "data"))
     net = metrics.LazyInception(args.weights, args.device)
-    try:
+    with plain_errors():
         return metrics.evaluate_set(args.ref, metrics.open_set(args.ref, margs), margs, net), margs, net
-    except (metrics.MetricsError, data.DataError) as e:
-        raise EditError(str(e)) from None
 
 
 class Measure:
-    """{n, lapvar, and with ref = reference(): fid, kid, kid_std, precision, recall} of [-1, 1] images given batch
-    by batch (add()), computed with metrics.py's functions on the uint8 pixels data.write_pngs writes; only the
-    features are kept, never the images."""
+    """{n, lapvar, and with ref = reference(): fid, kid, kid_std, precision, recall} of [-1, 1] images added batch
+    by batch, by metrics.py on the uint8 pixels data.write_pngs writes; only their features are kept."""
 
     def __init__(self, label, ref):
         self.label, self.ref, self.pool3, self.lapvar = label, ref, [], []
 
     def add(self, images):
-        ref_stats, margs, net = self.ref or (None, None, None)
-        try:
-            out = metrics.compute_features(data.to_uint8(images), net() if net else None,
-                                           device=net.device if net else "cpu", lapvar=True, name=self.label,
-                                           progress=False)
-        except metrics.MetricsError as e:
-            raise EditError(str(e)) from None
+        net = self.ref[2] if self.ref else None
+        with plain_errors():
+            out = metrics.compute_features(data.to_uint8(images), net() if net else None, lapvar=True,
+                                           device=net.device if net else "cpu", name=self.label, progress=False)
         self.lapvar.append(out["lapvar"])
         if net:
             self.pool3.append(out["pool3"].astype("float32"))
@@ -648,12 +628,10 @@ class Measure:
         if self.ref:
             ref_stats, margs, net = self.ref
             features = np.concatenate(self.pool3)
-            try:
+            with plain_errors():
                 mu, sigma = metrics.stats_from_features(features)
                 stats = {"mu": mu, "sigma": sigma, "features": features}
                 result.update(metrics.compare_to_reference(self.label, stats, ref_stats, margs, net.device))
-            except metrics.MetricsError as e:
-                raise EditError(str(e)) from None
         return result
 
 
@@ -688,7 +666,8 @@ def sweep(model, ckpt, args, device):
     settings = []
     if not hasattr(model, "encode"):  # a GAN: truncation thresholds, each with every D-filter
         for T in args.truncation or [None]:
-            name, z = ("untruncated", base) if T is None else (f"truncation_{T:g}", truncated_normal(base, T, args.seed + 1))
+            z = base if T is None else truncated_normal(base, T, args.seed + 1)
+            name = "untruncated" if T is None else f"truncation_{T:g}"
             for P in args.d_filter or [None]:
                 label = ("untruncated" if T is None else f"T = {T:g}") + ("" if P is None else f", D >= {P:g}")
                 folder = (name if T is not None or P is None else "") + ("" if P is None else f"-dfilter-{P:g}")
@@ -699,7 +678,8 @@ def sweep(model, ckpt, args, device):
     comp = torch.multinomial(gmm["weights"], m, replacement=True, generator=g) if gmm else None  # c ~ Cat(pi)
     for prior in priors:
         for t in args.temperature or [1.0]:
-            name, folder = ("N(0, I)", "normal") if prior == "normal" else (f"GMM-{args.components}", f"gmm{args.components}")
+            name, folder = (("N(0, I)", "normal") if prior == "normal"
+                            else (f"GMM-{args.components}", f"gmm{args.components}"))
             label, folder = (f"{name}, t = {t:g}", f"{folder}_t{t:g}") if args.temperature else (name, folder)
             # z ~ N(0, t^2 I) = t eps; or the mixture with its covariances scaled by t^2
             settings.append((label, folder, t * base if prior == "normal" else gmm_sample(gmm, base, comp, t),
@@ -710,10 +690,9 @@ def sweep(model, ckpt, args, device):
 
 
 def images_of(model, z, T, p, D, args, device, held_out):
-    """The images of one setting, BATCH at a time, in [-1, 1] on the CPU: decode(z); with a D-filter p, only those
-    D passes as real, sigmoid(D(G(z))) >= p (as the CelebA GAN report showed its DCGAN's), drawing fresh z (as
-    truncated) after z; the reconstructions decode(mu(x)) of the held-out images when z is None. Yields (images,
-    how many z were drawn so far)."""
+    """Yields (images in [-1, 1] on the CPU, how many z were drawn so far), BATCH at a time: decode(z); with a
+    D-filter p only those sigmoid(D(G(z))) >= p (as the CelebA GAN report showed its DCGAN's), drawing fresh z
+    (truncated as z) after z; decode(mu(x)) of the held-out images when z is None."""
     if z is None:
         for i in range(0, len(held_out), BATCH):
             yield decode(model, encode(model, held_out[i:i + BATCH], device), device), i + BATCH
@@ -731,11 +710,21 @@ def images_of(model, z, T, p, D, args, device, held_out):
         yield x, drawn
 
 
+def held_out_images(ckpt, args):
+    """--recon: the first max(--grid^2, --n) held-out images, whose reconstructions are a setting of the sweep."""
+    if not data.has_test_split(ckpt["args"].get("data")):
+        raise EditError(f"--recon reconstructs held-out images and {ckpt['args'].get('data')} has no held-out "
+                        f"split; use a checkpoint trained on one of {', '.join(data.DATASETS)}")
+    images = dataset(ckpt, "test", args.data_root).images
+    if args.n > len(images):
+        raise EditError(f"--recon --n {args.n} asks for more reconstructions than the {len(images)} held-out "
+                        f"images; ask for at most {len(images)}")
+    return images[:max(args.grid ** 2, args.n)]
+
+
 def cmd_sample(model, ckpt, args, device):
-    """One --grid x --grid grid per setting of the sweep, side by side, all from the same base noise: a GAN's
-    truncation thresholds and D-filters, or a VAE's priors x temperatures and its held-out reconstructions.
-    --out-dir: --n single PNGs per setting in DIR/<setting>/, written as they are made; --json: each setting's
-    Laplacian variance and, with --ref, FID, KID, precision and recall."""
+    """One --grid x --grid grid per setting of sweep(), side by side; --out-dir: --n single PNGs per setting in
+    DIR/<setting>/, written as they are made; --json: each setting's Measure."""
     gan = not hasattr(model, "encode")
     if gan and (args.temperature or args.prior or args.recon):
         raise EditError(f"--temperature, --prior and --recon are for the VAE checkpoints and {ckpt['script']}.py is a "
@@ -743,16 +732,7 @@ def cmd_sample(model, ckpt, args, device):
     if not gan and (args.truncation or args.d_filter):
         raise EditError(f"--truncation and --d-filter are for the GAN checkpoints (dcgan.py, mlp_gan.py) and "
                         f"{ckpt['script']}.py has a VAE's prior; use --temperature, --prior or --recon")
-    held_out = None
-    if args.recon:
-        if not data.has_test_split(ckpt["args"].get("data")):
-            raise EditError(f"--recon reconstructs held-out images and {ckpt['args'].get('data')} has no held-out "
-                            f"split; use a checkpoint trained on one of {', '.join(data.DATASETS)}")
-        held_out = dataset(ckpt, "test", args.data_root).images
-        if args.n > len(held_out):
-            raise EditError(f"--recon --n {args.n} asks for more reconstructions than the {len(held_out)} held-out "
-                            f"images; ask for at most {len(held_out)}")
-        held_out = held_out[:max(args.grid ** 2, args.n)]
+    held_out = held_out_images(ckpt, args) if args.recon else None
     ref = reference(args, ckpt) if args.ref else None  # a bad reference fails before the sampling
     D = discriminator(ckpt, device) if args.d_filter else None
     grids, labels, folders, results, m = [], [], [], {}, max(args.grid ** 2, args.n)
@@ -763,11 +743,9 @@ def cmd_sample(model, ckpt, args, device):
         for x, drawn in images_of(model, z, T, p, D, args, device, held_out):
             passed, x = passed + len(x), x[:m - done]
             shown.append(x[:max(0, args.grid ** 2 - done)])
-            try:
-                if args.out_dir and done < args.n:
+            if args.out_dir and done < args.n:
+                with plain_errors():
                     data.write_pngs(x[:args.n - done], path, first=done)
-            except data.DataError as e:
-                raise EditError(str(e)) from None
             if measure and done < args.n:
                 measure.add(x[:args.n - done])
             done += len(x)
@@ -889,10 +867,8 @@ def check_args(args):
             raise EditError("--from and --to need the same number of comma-separated indices")
     if getattr(args, "dims", None) and args.dims[0] == args.dims[1]:
         raise EditError("--dims needs two different latent dimensions")
-    try:
+    with plain_errors():
         args.device = data.resolve_device(args.device)
-    except data.DataError as e:
-        raise EditError(str(e)) from None
     for flag, folder in (("out", False), ("save_dir", True), ("out_dir", True)):
         path = getattr(args, flag, None)
         why = path and unwritable(path, folder)
@@ -900,65 +876,33 @@ def check_args(args):
             raise EditError(f"--{flag.replace('_', '-')} {path} cannot be written: {why}")
 
 
-def get_args(argv=None):
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ckpt", required=True, help="ckpt.pt of dcgan, mlp_gan, vae_conv, mlp_vae or vaegan")
-    common.add_argument("--out", default=None, help="output PNG; default <ckpt dir>/edit_<command>[_<attr>].png")
-    common.add_argument("--seed", type=int, default=0, help="picks the images and random codes shown")
-    common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
-    common.add_argument("--data-root", default=None, help="where the dataset lives; default: the checkpoint's")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
-    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+def attribute_flags(s, name):
+    """The flags of attribute and vector."""
+    s.add_argument("--attr", required=True,
+                   help="CelebA attribute, class name or number, or a column of the folder's attributes.csv"
+                        + ("; several, comma-separated, add their vectors" if name == "attribute" else ""))
+    s.add_argument("--max-images", type=int, default=None,
+                   help=f"training images averaged for z_att (default 10000; a GAN's {GAN_MAX_IMAGES}: "
+                        f"each is inverted)")
+    k = s.add_mutually_exclusive_group()
+    k.add_argument("--intensity", type=numbers(float, 1), dest="intensities", metavar="K",
+                   help="one multiple k of z_att")
+    k.add_argument("--intensities", type=numbers(float), metavar="K,K,...",
+                   help="multiples k of z_att, one row each; with several --attr, one per attribute "
+                        "(a negative first one needs '=': --intensities=-1,0,1)")
+    s.set_defaults(intensities=[2.5] if name == "attribute" else [0, 1, 2, 2.5, 3])
+    s.add_argument("--inversion-steps", type=int, default=200,
+                   help="GAN checkpoints: Adam steps of each image's inversion into z")
+    s.add_argument("--restarts", type=int, default=2,
+                   help="GAN checkpoints: starting codes per inverted image, the best one kept")
+    if name == "attribute":
+        s.add_argument("--n", type=int, default=8, help="originals without the attribute(s) (columns)")
+        s.add_argument("--save-dir", default=None,
+                       help="also write each edit row to DIR/intensity_<k>/ (several --attr: DIR/<attr>_<k>/, "
+                            "DIR/sum/) as NNNNNN.png")
 
-    def command(name):
-        return sub.add_parser(name, parents=[common], formatter_class=fmt, help=HELP[name], description=HELP[name])
 
-    for name, default in (("attribute", [2.5]), ("vector", [0, 1, 2, 2.5, 3])):
-        s = command(name)
-        s.add_argument("--attr", required=True,
-                       help="CelebA attribute, class name or number, or a column of the folder's attributes.csv"
-                            + ("; several, comma-separated, add their vectors" if name == "attribute" else ""))
-        s.add_argument("--max-images", type=int, default=None,
-                       help=f"training images averaged for z_att (default 10000; a GAN's {GAN_MAX_IMAGES}: "
-                            f"each is inverted)")
-        k = s.add_mutually_exclusive_group()
-        k.add_argument("--intensity", type=numbers(float, 1), dest="intensities", metavar="K",
-                       help="one multiple k of z_att")
-        k.add_argument("--intensities", type=numbers(float), metavar="K,K,...",
-                       help="multiples k of z_att, one row each; with several --attr, one per attribute "
-                            "(a negative first one needs '=': --intensities=-1,0,1)")
-        s.set_defaults(intensities=default)
-        s.add_argument("--inversion-steps", type=int, default=200,
-                       help="GAN checkpoints: Adam steps of each image's inversion into z")
-        s.add_argument("--restarts", type=int, default=2,
-                       help="GAN checkpoints: starting codes per inverted image, the best one kept")
-        if name == "attribute":
-            s.add_argument("--n", type=int, default=8, help="originals without the attribute(s) (columns)")
-            s.add_argument("--save-dir", default=None,
-                           help="also write each edit row to DIR/intensity_<k>/ (several --attr: DIR/<attr>_<k>/, "
-                                "DIR/sum/) as NNNNNN.png")
-    s = command("interpolate")
-    s.add_argument("--from", dest="from_", type=numbers(int), default=None, metavar="I[,I,...]",
-                   help="index (or comma-separated indices) of the start image(s); held-out split where there is one")
-    s.add_argument("--to", type=numbers(int), default=None, metavar="I[,I,...]",
-                   help="index (or indices) of the end image(s)")
-    s.add_argument("--n", type=int, default=4, help="rows of random code pairs, without --from/--to")
-    s.add_argument("--steps", type=int, default=8, help="decodes along each path, ends included")
-    s.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
-    s = command("scatter")
-    s.add_argument("--n", type=int, default=2000, help="images encoded (held-out split where there is one)")
-    s.add_argument("--attr", default=None, help="colour by this attribute or class instead of by class")
-    s.add_argument("--dims", type=numbers(int, 2), default=None, metavar="I,J",
-                   help="plot latent dimensions I and J (default: the plane, or the first two principal directions)")
-    s.add_argument("--size", type=int, default=512,
-                   help="plot height in pixels, at least 100 (the legend adds 180 to the width)")
-    s = command("manifold")
-    s.add_argument("--grid", type=int, default=20, help="decodes per side")
-    s.add_argument("--dims", type=numbers(int, 2), default=None, metavar="I,J",
-                   help="two latent dimensions I,J to vary (default: the plane, or the first two principal directions)")
-    s.add_argument("--max-images", type=int, default=10000, help="training images for the principal directions")
-    s = command("sample")
+def sample_flags(s):
     s.add_argument("--truncation", type=thresholds, default=None, metavar="T,T,...",
                    help="GAN checkpoints: a grid per threshold T > 0, z ~ N(0, I) with |z_i| > T redrawn "
                         "(none: untruncated)")
@@ -985,11 +929,49 @@ def get_args(argv=None):
     s.add_argument("--ref", default=None,
                    help="reference set of --json, as metrics.py --ref: folder, dataset name, .npy features, .npz")
     s.add_argument("--weights", default=None, help=f"{metrics.FID_WEIGHTS_FILE} for --ref (default: torch.hub's cache)")
+
+
+def get_args(argv=None):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ckpt", required=True, help="ckpt.pt of dcgan, mlp_gan, vae_conv, mlp_vae or vaegan")
+    common.add_argument("--out", default=None, help="output PNG; default <ckpt dir>/edit_<command>[_<attr>].png")
+    common.add_argument("--seed", type=int, default=0, help="picks the images and random codes shown")
+    common.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, ...")
+    common.add_argument("--data-root", default=None, help="where the dataset lives; default: the checkpoint's")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(name):
+        return sub.add_parser(name, parents=[common], formatter_class=fmt, help=HELP[name], description=HELP[name])
+
+    attribute_flags(command("attribute"), "attribute")
+    attribute_flags(command("vector"), "vector")
+    s = command("interpolate")
+    s.add_argument("--from", dest="from_", type=numbers(int), default=None, metavar="I[,I,...]",
+                   help="index (or comma-separated indices) of the start image(s); held-out split where there is one")
+    s.add_argument("--to", type=numbers(int), default=None, metavar="I[,I,...]",
+                   help="index (or indices) of the end image(s)")
+    s.add_argument("--n", type=int, default=4, help="rows of random code pairs, without --from/--to")
+    s.add_argument("--steps", type=int, default=8, help="decodes along each path, ends included")
+    s.add_argument("--slerp", action="store_true", help="spherical instead of linear interpolation")
+    s = command("scatter")
+    s.add_argument("--n", type=int, default=2000, help="images encoded (held-out split where there is one)")
+    s.add_argument("--attr", default=None, help="colour by this attribute or class instead of by class")
+    s.add_argument("--dims", type=numbers(int, 2), default=None, metavar="I,J",
+                   help="plot latent dimensions I and J (default: the plane, or the first two principal directions)")
+    s.add_argument("--size", type=int, default=512,
+                   help="plot height in pixels, at least 100 (the legend adds 180 to the width)")
+    s = command("manifold")
+    s.add_argument("--grid", type=int, default=20, help="decodes per side")
+    s.add_argument("--dims", type=numbers(int, 2), default=None, metavar="I,J",
+                   help="two latent dimensions I,J to vary (default: the plane, or the first two principal directions)")
+    s.add_argument("--max-images", type=int, default=10000, help="training images for the principal directions")
+    sample_flags(command("sample"))
     args = p.parse_args(argv)
     if args.out is None:
         attr = slug(getattr(args, "attr", None) or "").lower()
-        args.out = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                f"edit_{args.command}{'_' + attr if attr else ''}.png")
+        args.out = beside_ckpt(args, f"edit_{args.command}{'_' + attr if attr else ''}.png")
     try:
         check_args(args)
     except EditError as e:

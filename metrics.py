@@ -2,27 +2,24 @@
 
 Each number is defined exactly as the reference tool that published tables use computes it:
 
-* FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local
-  Nash Equilibrium", arXiv:1706.08500) as mseitzer/pytorch-fid computes it: pool3 features of
-  the TensorFlow Inception graph ported to PyTorch (weight file pt_inception-2015-12-05-6726825d.pth),
-  mean and np.cov (N-1) in float64, Frechet distance with scipy.linalg.sqrtm.
-* IS (Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498) as
-  toshas/torch-fidelity computes it: the same network's 1008-way logits without the fc bias,
-  softmax, 10 splits of a fixed (seed 2020) shuffle, exp of the mean KL per split, mean and std.
-* KID (Binkowski et al. 2018, "Demystifying MMD GANs", arXiv:1801.01401) as torch-fidelity: the
-  unbiased MMD^2 with the kernel (x.y / d + 1)^3 on the pool3 features, 100 random subsets of
-  1,000 per set (seed 2020), mean and std.
-* Precision and recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for
-  Assessing Generative Models", arXiv:1904.06991) as torch-fidelity, k = 3, on the pool3 features
-  (torch-fidelity's default features are VGG-16's, so its default numbers differ).
+* FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
+  arXiv:1706.08500) as mseitzer/pytorch-fid computes it: pool3 features of the TensorFlow Inception graph
+  ported to PyTorch, mean and np.cov (N-1) in float64, Frechet distance with scipy.linalg.sqrtm.
+* IS (Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498) as toshas/torch-fidelity
+  computes it: the same network's 1008-way logits without the fc bias, 10 splits of a fixed (seed 2020) shuffle.
+* KID (Binkowski et al. 2018, "Demystifying MMD GANs", arXiv:1801.01401) as torch-fidelity: the unbiased MMD^2
+  with the kernel (x.y / d + 1)^3 on the pool3 features, 100 random subsets of 1,000 per set (seed 2020).
+* Precision and recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for Assessing
+  Generative Models", arXiv:1904.06991) as torch-fidelity, k = 3, on the pool3 features (torch-fidelity's
+  default features are VGG-16's, so its default numbers differ).
 * Laplacian variance (sharpness; the VAE/GAN/VAE-GAN reports' blur measure) as OpenCV's
   cv2.Laplacian(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var(), per image, averaged.
 
-One feature pass gives all of them, through pytorch-fid's input pipeline (PyTorch bilinear resize
-to 299, 2x - 1); torch-fidelity resizes like TF 1.x and scales by (x - 128) / 128, so its IS can
-differ in the last digits. A set is an image folder, a dataset name of data.py (mnist, ...), a
-features file (.npy, N x 2048 pool3 features from --save-features: no IS or Laplacian variance) or
-a statistics file (.npz with mu and sigma, pytorch-fid's format: FID only).
+One feature pass gives all of them, through pytorch-fid's input pipeline (PyTorch bilinear resize to 299,
+2x - 1); torch-fidelity resizes like TF 1.x and scales by (x - 128) / 128, so its IS can differ in the last
+digits. A set is an image folder, a dataset name of data.py (mnist, ...), a features file (.npy, N x 2048
+pool3 features from --save-features: no IS or Laplacian variance) or a statistics file (.npz with mu and
+sigma, pytorch-fid's format: FID only).
 
     python metrics.py runs/dcgan-cifar10/samples --ref cifar10      # IS, FID, KID, P/R, Laplacian var.
     python metrics.py runs/vae_conv-mnist/samples runs/vaegan-mnist/samples --ref mnist --json
@@ -75,7 +72,7 @@ class MetricsError(ValueError):
     """An expected failure; str(e) is one plain sentence for the user."""
 
 
-_shown_notes = None     # a set inside _each_note_once: the notes printed so far in this run
+_shown_notes = None     # inside _each_note_once: the set of notes printed so far
 
 
 def note(msg):
@@ -88,20 +85,13 @@ def note(msg):
 
 @contextlib.contextmanager
 def _each_note_once(shown):
-    """Inside: a note already in the set shown is not printed again (TrainingEval: a notice such as
-    "fewer than 2048 images" once per run, not at every evaluation)."""
+    """Inside: a note already in the set shown is not printed again (TrainingEval: once per run)."""
     global _shown_notes
     saved, _shown_notes = _shown_notes, shown
     try:
         yield
     finally:
         _shown_notes = saved
-
-
-def _reason(e):
-    """The first line of an exception, short, for the end of a one-sentence error."""
-    text = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:120].rstrip(':')}" if text else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -174,11 +164,8 @@ def resize_299(x):
 
 
 class InceptionFID(tv_inception.Inception3):
-    """Images in [0, 1] -> (pool3 features N x 2048, logits without fc bias N x 1008).
-
-    Same modules as torchvision.models.inception_v3(weights=None, aux_logits=False,
-    num_classes=1008, init_weights=False), so its state_dict keys are those of the weight file.
-    """
+    """Images in [0, 1] -> (pool3 features N x 2048, logits without fc bias N x 1008). The modules of
+    torchvision's inception_v3(aux_logits=False, num_classes=1008): its state_dict keys are the weight file's."""
 
     FEATURES = FID_DIMS                                          # pool3: what FID, KID and P/R compare
 
@@ -246,17 +233,14 @@ def load_inception(weights=None, device="cpu"):
         model = InceptionFID()                # caller's RNG: a training script's stream stays its own
     if not isinstance(state, dict):
         raise MetricsError(f"{path} does not hold a state dict; it is not {FID_WEIGHTS_FILE}")
-    # Files saved before PyTorch 0.4.1 lack BatchNorm's num_batches_tracked (unused in eval mode);
-    # BatchNorm itself fills them for such files. Every other key must match exactly.
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            state.setdefault(key, value)
-    missing = sorted(set(model.state_dict()) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
+    own = model.state_dict()
+    # Files saved before PyTorch 0.4.1 lack BatchNorm's num_batches_tracked (unused in eval mode); every
+    # other key must match exactly.
+    state.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state})
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise MetricsError(f"{path} is not the FID Inception weight file {FID_WEIGHTS_FILE}: "
-                           f"{len(missing)} keys missing (e.g. {missing[:2]}), "
-                           f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        raise MetricsError(f"{path} is not the FID Inception weight file {FID_WEIGHTS_FILE}: {len(missing)} keys "
+                           f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -287,19 +271,14 @@ def _batches(source, batch_size, skipped):
             yield images
 
 
-def _to_float(im):
-    """uint8 C x H x W -> 1 x 3 x H x W in [0, 1], as PIL .convert("RGB") + ToTensor: gray replicated."""
-    return im.float().div(255).expand(3, -1, -1).unsqueeze(0)
-
-
 def _model_input(images, device):
-    """uint8 C x H x W images -> N x 3 x H x W float in [0, 1] on device, as pytorch-fid's
-    PIL .convert("RGB") + ToTensor. The batch goes to the device in one copy of its uint8 pixels
-    (one copy per image would make a GPU wait on many small transfers). Images of different sizes
-    are each resized to 299 x 299 on their own there (the network's resize is then the identity)."""
+    """uint8 C x H x W images -> N x 3 x H x W float in [0, 1] on device, as pytorch-fid's PIL .convert("RGB")
+    + ToTensor (gray replicated). One host -> device copy of the batch's uint8 pixels (one per image would make
+    a GPU wait on many small transfers); images of different sizes are each resized to 299 x 299 there."""
     shapes = [im.shape for im in images]
-    pixels = torch.cat([im.reshape(-1) for im in images]).to(device)       # one host -> device copy
-    xs = [_to_float(p.view(shape)) for p, shape in zip(pixels.split([s.numel() for s in shapes]), shapes)]
+    pixels = torch.cat([im.reshape(-1) for im in images]).to(device)
+    xs = [p.view(shape).float().div(255).expand(3, -1, -1).unsqueeze(0)
+          for p, shape in zip(pixels.split([s.numel() for s in shapes]), shapes)]
     if any(shape != shapes[0] for shape in shapes):
         xs = [resize_299(x) for x in xs]
     x = torch.cat(xs)
@@ -308,12 +287,9 @@ def _model_input(images, device):
 
 def compute_features(source, model=None, batch_size=50, device="cpu", lapvar=False, name="images",
                      progress=True):
-    """One pass over images: Inception features (if model) and Laplacian variances (if lapvar).
-
-    source: uint8 tensor N x C x H x W (C = 1 or 3), a list of image paths, or a folder.
-    Returns a dict: n, pool3 (n x 2048 float64), logits (n x 1008 float32), lapvar (n float64)
-    (None where not asked for) and skipped (unreadable files, left out with a warning).
-    """
+    """One pass over source (uint8 N x C x H x W with C = 1 or 3, a list of image paths, or a folder):
+    {n, pool3 (n x 2048 float64) and logits (n x 1008 float32) if model, lapvar (n float64) if lapvar, else
+    None, skipped (unreadable files, left out with a warning)}."""
     if isinstance(source, (str, pathlib.Path)):
         source = data.list_images(source)
     if isinstance(source, np.ndarray):
@@ -369,8 +345,8 @@ def stats_from_features(pool3):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982; FID eq. in
-    Heusel et al. 2017), step by step as pytorch-fid calculate_frechet_distance:
+    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982; FID eq. in Heusel et al.
+    2017), step by step as pytorch-fid calculate_frechet_distance:
 
         d^2 = ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))
     """
@@ -386,8 +362,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1.dot(sigma2))
         if not np.isfinite(covmean).all():      # product (almost) singular: retry with eps on the diagonal
-            note(f"warning: fid calculation produces singular product; adding {eps} to diagonal of "
-                 f"cov estimates")
+            note(f"warning: fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):                # numerical error may leave a small imaginary part
@@ -402,15 +377,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # ------------------------------------------------------------------ Inception Score
 
 def inception_score(logits, splits=IS_SPLITS, shuffle=True, seed=IS_SEED):
-    """(mean, std) of IS = exp(E_x KL(p(y|x) || p(y))) over splits, as torch-fidelity
-    isc_features_to_metric: rows shuffled by np.random.RandomState(2020).permutation, float64
-    softmax over all 1008 classes, split i = rows [i*N//splits, (i+1)*N//splits), p(y) = the
-    split's mean of p(y|x), std with ddof=0 (np.std; also Salimans et al.'s code)."""
+    """(mean, std) of IS = exp(E_x KL(p(y|x) || p(y))) over splits, as torch-fidelity isc_features_to_metric:
+    rows shuffled by np.random.RandomState(2020).permutation, float64 softmax over all 1008 classes, split i =
+    rows [i*N//splits, (i+1)*N//splits), p(y) = the split's mean of p(y|x), std with ddof=0 (as np.std and
+    Salimans et al.'s code)."""
     logits = torch.as_tensor(np.asarray(logits)).double()
     n = logits.shape[0]
     if logits.dim() != 2 or n < splits:
-        raise MetricsError(f"the Inception Score with {splits} splits needs at least {splits} images, "
-                           f"got {n}")
+        raise MetricsError(f"the Inception Score with {splits} splits needs at least {splits} images, got {n}")
     if shuffle:
         logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
     p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
@@ -436,10 +410,9 @@ def _check_feature_pair(features, ref_features):
 
 def kernel_inception_distance(features, ref_features, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE,
                               seed=KID_SEED):
-    """(mean, std) of KID (Binkowski et al. 2018) as torch-fidelity kid_features_to_metric: the
-    unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3 on each of `subsets` pairs of random
-    subsets of subset_size vectors per set (np.random.RandomState(seed).choice without replacement,
-    the set's subset drawn before the reference's), in float64; std with ddof=0 (np.std).
+    """(mean, std) of KID as torch-fidelity kid_features_to_metric: the unbiased MMD^2 with the kernel k(x, y) =
+    (x.y / d + 1)^3 on each of `subsets` pairs of random subsets of subset_size vectors per set, in float64
+    (np.random.RandomState(seed).choice without replacement, the set's subset first), std with ddof=0 (np.std).
     A set smaller than subset_size makes the subsets that size (torch-fidelity refuses), with a note."""
     _check_feature_pair(features, ref_features)
     n, n_ref, d = len(features), len(ref_features), np.shape(features)[1]
@@ -464,10 +437,9 @@ def kernel_inception_distance(features, ref_features, subsets=KID_SUBSETS, subse
 
 @evaluating(exact="cpu")  # no TF32 in the distances (a flag of CUDA's; autocast off)
 def knn_radii(features, k=PR_K, block=PR_BLOCK, device="cpu"):
-    """||phi - NN_k(phi)|| for each row phi of features: the distance to its k-th nearest neighbour
-    in the same set, the radius of the ball around it (Kynkaenniemi et al. 2019). Float32 distances
-    (torch.cdist), as torch-fidelity on its float32 features. Memory: block x (block + k + 1) at a
-    time: the k + 1 smallest distances so far are kept while the columns pass in blocks."""
+    """||phi - NN_k(phi)|| for each row phi of features: the distance to its k-th nearest neighbour in the same
+    set (Kynkaenniemi et al. 2019). Float32 distances (torch.cdist), as torch-fidelity on its float32 features,
+    block x (block + k + 1) at a time: the k + 1 smallest so far are kept while the columns pass in blocks."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
     if len(x) <= k:
         raise MetricsError(f"precision and recall with k = {k} need more than {k} feature vectors per set, "
@@ -485,9 +457,8 @@ def knn_radii(features, k=PR_K, block=PR_BLOCK, device="cpu"):
 @evaluating(exact="cpu")
 def precision_recall(features, ref_features, k=PR_K, block=PR_BLOCK, device="cpu", ref_radii=None):
     """(precision, recall) of Kynkaenniemi et al. 2019 with k nearest neighbours, as torch-fidelity
-    prc_features_to_metric (which uses VGG-16 features by default; here they are pool3 features).
-    Distances are computed block x block (see knn_radii), never N x N. ref_radii: knn_radii of
-    ref_features, when already computed (several sets against one reference)."""
+    prc_features_to_metric (there on VGG-16 features by default), distances block x block (see knn_radii).
+    ref_radii: knn_radii of ref_features, when already computed (several sets against one reference)."""
     _check_feature_pair(features, ref_features)
     radii = knn_radii(features, k, block, device)
     ref_radii = knn_radii(ref_features, k, block, device) if ref_radii is None else ref_radii.to(device)
@@ -516,10 +487,9 @@ LAPLACIAN_3X3 = torch.tensor([[0., 1., 0.], [1., -4., 1.], [0., 1., 0.]], dtype=
 
 
 def laplacian_variance(images_uint8):
-    """Per-image variance of the Laplacian of the 8-bit luma: OpenCV's
-    cv2.Laplacian(gray, cv2.CV_64F).var() (ksize=1: kernel [[0,1,0],[1,-4,1],[0,1,0]],
-    BORDER_DEFAULT = reflect-101, population variance). images: uint8 N x C x H x W or N x H x W
-    (tensor or array, C = 1 or 3), or a list of C x H x W images of any sizes. Returns float64 (N,)."""
+    """Per-image variance of the Laplacian of the 8-bit luma, float64 (N,): OpenCV's cv2.Laplacian(gray,
+    cv2.CV_64F).var() (ksize=1: kernel [[0,1,0],[1,-4,1],[0,1,0]], BORDER_DEFAULT = reflect-101, population
+    variance) of uint8 N x C x H x W or N x H x W (C = 1 or 3), or of a list of C x H x W images of any sizes."""
     if isinstance(images_uint8, (list, tuple)):
         return np.concatenate([laplacian_variance(im.unsqueeze(0) if isinstance(im, torch.Tensor)
                                                   else np.asarray(im)[None]) for im in images_uint8])
@@ -540,7 +510,7 @@ def laplacian_variance(images_uint8):
 
 # ------------------------------------------------------------------ sets: folder, .npz, .npy or dataset
 
-STAT_KEYS = ("n", "is_mean", "is_std", "lapvar", "lapvar_std")   # stored beside mu and sigma
+STAT_KEYS = ("n", "is_mean", "is_std", "lapvar", "lapvar_std", "weights_sha256")   # stored beside mu and sigma
 
 
 def load_stats(path, with_features=False):
@@ -555,7 +525,7 @@ def load_stats(path, with_features=False):
         with np.load(path, allow_pickle=False) as f:           # a member that is no .npy: bytes
             arrays = {k: np.asarray(f[k]) for k in f.files if k != "features" or with_features}
     except (OSError, ValueError, zipfile.BadZipFile) as e:     # ValueError: pickled object arrays
-        raise MetricsError(f"{path} cannot be read as a .npz statistics file ({_reason(e)}); "
+        raise MetricsError(f"{path} cannot be read as a .npz statistics file ({data._reason(e, strerror=True)}); "
                            f"{expected}") from None
     if "mu" not in arrays or "sigma" not in arrays:
         raise MetricsError(f"{path} has no 'mu' and 'sigma' arrays (it has {sorted(arrays)}); "
@@ -572,18 +542,16 @@ def load_stats(path, with_features=False):
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise MetricsError(f"{path} holds NaN or inf statistics; compute them again with metrics.py --save-stats")
     stats = {"mu": mu, "sigma": sigma}
-    for key in STAT_KEYS + ("weights_sha256",):
-        if key in arrays:
-            stats[key] = arrays[key].item()
+    stats.update({k: arrays[k].item() for k in STAT_KEYS if k in arrays})
     if "features" in arrays:
         stats["features"] = _checked_features(arrays["features"], path)
     return stats
 
 
 def save_stats(path, stats, with_features=False):
-    """Write stats as a .npz (pytorch-fid's mu and sigma, and ours), atomically; with_features:
-    the pool3 features too (the reference cache: KID and precision/recall need them)."""
-    keys = ("mu", "sigma", "weights_sha256") + STAT_KEYS + (("features",) if with_features else ())
+    """Write stats as a .npz (pytorch-fid's mu and sigma, and ours), atomically; with_features: the pool3
+    features too (the reference cache: KID and precision/recall need them)."""
+    keys = ("mu", "sigma") + STAT_KEYS + (("features",) if with_features else ())
     arrays = {k: v for k, v in stats.items() if v is not None and k in keys}
     _write_atomically(path, lambda f: np.savez(f, **arrays), "the statistics file")
 
@@ -605,8 +573,7 @@ def _checked_features(features, path):
 
 
 def _check_dims(d, path, what):
-    """A reference of another size would pass every check until the comparison, after the whole feature pass
-    over the samples: it is refused when it is opened."""
+    """A reference of another size is refused when it is opened, not after the feature pass over the samples."""
     if d != InceptionFID.FEATURES:
         raise MetricsError(f"{path} holds {d}-dimensional {what}, but the FID Inception network's pool3 "
                            f"features are {InceptionFID.FEATURES}-dimensional; give a file written by metrics.py "
@@ -620,9 +587,9 @@ def load_features(path):
     try:
         features = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:                 # text, empty, pickled objects
-        raise MetricsError(f"{path} cannot be read as a .npy features file ({_reason(e)}); give a file "
-                           f"written by metrics.py --save-features") from None
-    if isinstance(features, np.lib.npyio.NpzFile):               # a .npz renamed
+        raise MetricsError(f"{path} cannot be read as a .npy features file ({data._reason(e, strerror=True)}); "
+                           f"give a file written by metrics.py --save-features") from None
+    if isinstance(features, np.lib.npyio.NpzFile):               # a .npz renamed: "no single array"
         features.close()
         features = None
     return _checked_features(features, path)
@@ -634,9 +601,8 @@ def save_features(path, features):
 
 
 def _write_atomically(path, write, what):
-    """write(file object) into a temporary file, then rename it onto path: a crash never leaves a
-    torn file. Output paths are checked before the work, but a disk can still fill up: an
-    OSError becomes a MetricsError, and the temporary file is removed."""
+    """write(file object) into a temporary file, renamed onto path: a crash never leaves a torn file. A full
+    disk (found only now) gives a MetricsError, and the temporary file is removed."""
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -647,13 +613,12 @@ def _write_atomically(path, write, what):
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise MetricsError(f"cannot write {what} {path} ({_reason(e)})") from None
+        raise MetricsError(f"cannot write {what} {path} ({data._reason(e, strerror=True)})") from None
 
 
 def check_writable(path, what):
-    """Find an output path that cannot be written before the work, not after it: path is not a
-    folder, its nearest existing ancestor is a folder, and a file can be created there (tried and
-    removed; permission bits alone say nothing when running as root). Creates nothing."""
+    """An output path that cannot be written, found before the work: path is no folder, its nearest existing
+    ancestor is one, and a file can be created there (tried and removed: permission bits say nothing to root)."""
     path = pathlib.Path(path).absolute()
     if path.is_dir():
         raise MetricsError(f"cannot write {what} to {path}: it is a folder; give a file name")
@@ -663,15 +628,8 @@ def check_writable(path, what):
     try:
         tempfile.NamedTemporaryFile(dir=folder).close()
     except OSError as e:
-        raise MetricsError(f"cannot write {what} to {path} ({_reason(e)}); choose another path") from None
-
-
-def _file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+        raise MetricsError(f"cannot write {what} to {path} ({data._reason(e, strerror=True)}); "
+                           f"choose another path") from None
 
 
 def _first_n(items, spec, args, what):
@@ -682,9 +640,8 @@ def _first_n(items, spec, args, what):
 
 
 def check_set(spec):
-    """What spec names, from its name alone: "npz", "features", "folder" or "dataset", else a
-    MetricsError. Cheap (reads no file, loads no network): a training script's check_args calls it
-    for --eval-ref."""
+    """What spec names, from its name alone (no file read, no network loaded: check_args calls it for
+    --eval-ref): "npz", "features", "folder" or "dataset", else a MetricsError."""
     if spec.endswith(".npz"):
         if not os.path.isfile(spec):
             raise MetricsError(f"statistics file {spec} does not exist")
@@ -703,8 +660,8 @@ def check_set(spec):
 
 
 def open_set(spec, args):
-    """Where a set comes from: ("npz", stats), ("features", N x d array), ("folder", [paths]) or
-    ("dataset", (name, split)). Files are read here, so that a bad one fails before any long pass."""
+    """("npz", stats), ("features", N x d array), ("folder", [paths]) or ("dataset", (name, split)). Files
+    are read here, so that a bad one fails before any long pass."""
     kind = check_set(spec)
     if kind == "npz":
         return "npz", load_stats(spec)
@@ -717,10 +674,9 @@ def open_set(spec, args):
 
 
 def evaluate_set(spec, opened, args, get_model):
-    """IS, FID statistics, pool3 features and Laplacian variance of one set (opened =
-    open_set(spec, args)), as a dict with n, mu, sigma, features (N x 2048 float32), is_mean,
-    is_std, lapvar, lapvar_std where available: a .npz gives mu and sigma only, a .npy no IS or
-    Laplacian variance (those need the images)."""
+    """IS, FID statistics, pool3 features and Laplacian variance of one set (opened = open_set(spec, args)):
+    a dict with n, mu, sigma, features (N x 2048 float32), is_mean, is_std, lapvar, lapvar_std where
+    available: a .npz gives mu and sigma only, a .npy no IS or Laplacian variance (those need the images)."""
     kind, where = opened
     if kind == "npz":
         return {"n": None, **where}
@@ -735,8 +691,8 @@ def evaluate_set(spec, opened, args, get_model):
         images = _first_n(data.load(name, root=args.data_root, split=split, verbose=False).images,
                           spec, args, "images")
         tag = name if split == "train" else f"{name}-{split}"
-        # The key is the set and the weights, not the device: the pass is float32 without TF32
-        # (_float32_matmuls), so CPU and GPU statistics agree to float32 precision.
+        # The key is the set and the weights, not the device: the pass is plain float32 (evaluating(exact=)),
+        # so CPU and GPU statistics agree to float32 precision.
         cache = pathlib.Path(args.data_root) / "cache" / f"fid_stats_{tag}_{len(images)}.npz"
         where = images
     if len(where) < 2 and not args.lapvar_only:
@@ -763,8 +719,8 @@ def evaluate_set(spec, opened, args, get_model):
 
 
 def set_stats(spec, out, splits=IS_SPLITS):
-    """A set's numbers from its feature pass (compute_features' dict): n, lapvar, lapvar_std and,
-    with pool3 features, mu, sigma, features (N x 2048 float32), is_mean, is_std."""
+    """A set's numbers from its feature pass (compute_features' dict): n, lapvar, lapvar_std and, with pool3
+    features, mu, sigma, features (N x 2048 float32), is_mean, is_std."""
     stats = {"n": out["n"], "lapvar": float(out["lapvar"].mean()), "lapvar_std": float(out["lapvar"].std())}
     if out["pool3"] is not None:
         stats["mu"], stats["sigma"] = stats_from_features(out["pool3"])
@@ -791,8 +747,10 @@ class LazyInception:
         return self.model
 
     def sha256(self):
+        """The weight file's SHA-256 (16 hex digits): the reference cache's key."""
         if self._sha is None:
-            self._sha = _file_sha256(weights_path(self.weights))
+            with open(weights_path(self.weights), "rb") as f:
+                self._sha = hashlib.sha256(f.read()).hexdigest()[:16]
         return self._sha
 
 
@@ -822,9 +780,8 @@ def _nice_ticks(lo, hi, count=5):
 
 
 def _group_panels(series):
-    """-> [(title, names)]: columns named D(...) share a probability panel, throughput (..._per_s)
-    gets its own; the others share loss panels of similar magnitude (a new panel where a median
-    |value| is 30x the panel's smallest)."""
+    """-> [(title, names)]: columns named D(...) share a probability panel, throughput (..._per_s) gets its own,
+    the others share loss panels of similar magnitude (a new one where a median |value| is 30x the smallest)."""
     probs = [k for k in series if k.startswith("D(")]
     rates = [k for k in series if k.endswith("per_s")]
     scale = {k: float(np.median(np.abs([v for _, v in series[k]]))) + 1e-12 for k in series}
@@ -846,10 +803,9 @@ def _group_panels(series):
 def _draw_panel(draw, top, title, names, series, epoch_starts, font):
     """One panel: grid, round ticks, faint epoch boundaries, curves (dots for sparse ones), legend."""
     left, right, top_px, bottom = 80, PLOT_W - 20, top + 28, top + PANEL_H - 45
-    points = [pt for k in names for pt in series[k]] or [(0.0, 0.0), (1.0, 1.0)]
-    xlo, xhi = min(x for x, _ in points), max(x for x, _ in points)
-    ylo, yhi = (0.0, 1.0) if title.startswith("discriminator") else (min(y for _, y in points),
-                                                                      max(y for _, y in points))
+    xs, ys = zip(*([pt for k in names for pt in series[k]] or [(0.0, 0.0), (1.0, 1.0)]))
+    xlo, xhi = min(xs), max(xs)
+    ylo, yhi = (0.0, 1.0) if title.startswith("discriminator") else (min(ys), max(ys))
     xt, yt = _nice_ticks(xlo, xhi), _nice_ticks(ylo, yhi)
     xlo, xhi, ylo, yhi = min(xlo, xt[0]), max(xhi, xt[-1]), min(ylo, yt[0]), max(yhi, yt[-1])
 
@@ -910,9 +866,8 @@ def log_row(csv_path, row):
 
 
 def read_losses(csv_path):
-    """losses.csv (columns step, epoch, then loss terms and diagnostics; blank cells are skipped)
-    -> ({column: [(step, value), ...]} for columns with any finite number, epoch start steps).
-    A header-only file (a run stopped before its first log row) gives no series."""
+    """losses.csv (columns step, epoch, then loss terms and diagnostics; blank cells skipped) -> ({column:
+    [(step, value), ...]} for columns with any finite number, epoch start steps); a header alone: no series."""
     try:
         with open(csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -921,7 +876,7 @@ def read_losses(csv_path):
     except IsADirectoryError:
         raise MetricsError(f"{csv_path} is a folder; give the losses.csv of a run") from None
     except (OSError, UnicodeDecodeError, csv.Error) as e:    # binary file: UnicodeDecodeError
-        raise MetricsError(f"{csv_path} cannot be read as a CSV text file ({_reason(e)})") from None
+        raise MetricsError(f"{csv_path} cannot be read as a CSV text file ({data._reason(e, strerror=True)})") from None
     names = [k for k in (rows[0].keys() if rows else []) if k not in ("step", "epoch")]
     series, epoch_starts, last_epoch = {k: [] for k in names}, [], None
     for i, row in enumerate(rows):
@@ -944,8 +899,8 @@ def read_losses(csv_path):
 
 
 def plot_losses(csv_path, png_path):
-    """Draw losses.csv (see read_losses) as a PNG of PLOT_W x PANEL_H*panels pixels, one panel
-    per group of quantities; a file with no numbers yet gives one empty panel ("no data yet")."""
+    """Draw losses.csv as a PNG of PLOT_W x PANEL_H*panels pixels, one panel per group of quantities (a file
+    with no numbers yet: one empty panel, "no data yet")."""
     return _draw_losses(*read_losses(csv_path), png_path)
 
 
@@ -960,9 +915,8 @@ def _draw_losses(series, epoch_starts, png_path, panels=None):
 
 
 def plot_csv(csv_path):
-    """--plot: redraw a losses.csv as a PNG beside it. Unlike plot_losses, which the training
-    scripts call at every epoch end, a file with nothing to plot is an error here: the user asked
-    for a picture of this very file."""
+    """--plot: redraw a losses.csv as a PNG beside it; unlike plot_losses (every epoch end of a training run),
+    a file with nothing to plot is an error: the user asked for a picture of this very file."""
     series, epoch_starts = read_losses(csv_path)
     if not series:
         raise MetricsError(f"{csv_path} has no rows of numbers to plot; give the losses.csv of a run "
@@ -970,6 +924,13 @@ def plot_csv(csv_path):
     png_path = pathlib.Path(csv_path).with_suffix(".png")
     check_writable(png_path, "the plot")
     return _draw_losses(series, epoch_starts, png_path)
+
+
+# ------------------------------------------------------------------ a training run's pictures, samples and losses
+
+def _fail_writing(run, e):
+    """A picture of a run that could not be written (e.g. a full disk): one sentence, and the way back."""
+    data.fail(f"{e}; {os.path.join(run.out, 'ckpt.pt')} holds step {run.step}. Free some disk space, then resume")
 
 
 def save_grid(run, name, images, nrow=8):
@@ -980,7 +941,7 @@ def save_grid(run, name, images, nrow=8):
     try:
         _write_atomically(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"), "the grid")
     except MetricsError as e:
-        data.fail(f"{e}; {os.path.join(run.out, 'ckpt.pt')} holds step {run.step}. Free some disk space, then resume")
+        _fail_writing(run, e)
 
 
 def save_recon(run, x, x_hat):
@@ -992,8 +953,8 @@ def save_recon(run, x, x_hat):
 
 
 def write_samples(run, make, *nets):
-    """--sample N: OUT/samples/000000.png ... on rank 0, make(i, b, g) -> b images in [-1, 1] from number i, 500
-    at a time, their noise from g (a generator on the device seeded --seed + 1), the networks in eval mode."""
+    """--sample N: OUT/samples/000000.png ... on rank 0 from make(i, b, g) -> b images in [-1, 1] from number i,
+    500 at a time, their noise from g (a generator on the device seeded --seed + 1), the nets in eval mode."""
     a = run.args
     if not a.sample or run.rank:
         return
@@ -1011,8 +972,8 @@ def write_samples(run, make, *nets):
 
 class LossLog:
     """losses.csv of a training run (rank 0 writes it) and its plot losses.png: columns step, epoch, the
-    script's values, img_per_s and, for a VAE, its held-out values. A resumed run keeps the rows of the run
-    it continues up to the checkpoint's step (from the checkpoint's folder when it branched off)."""
+    script's values, img_per_s and, for a VAE, its held-out values. A resumed run keeps the rows up to the
+    checkpoint's step (from the checkpoint's folder when it branched off)."""
 
     def __init__(self, run, columns):
         self.run, self.columns = run, list(columns)
@@ -1033,10 +994,10 @@ class LossLog:
         self._write({"step": run.step, "epoch": run.epoch + 1, **numbers, "img_per_s": rate})
 
     def held_out(self, model, images, batch_size, terms):
-        """A VAE's held-out losses at the end of an epoch (rank 0; not after a stop signal, which saves at once):
-        the mean over images (uint8) of terms(x, g), the per-image means of a batch x in [-1, 1] whose noise comes
-        from g, a CPU generator seeded --seed. Plain float32, the model in eval mode: the numbers do not move with
-        the device or with --amp. A line, and a row of losses.csv whose training cells are blank."""
+        """A VAE's held-out losses at an epoch's end (rank 0; not after a stop signal): the mean over images
+        (uint8) of terms(x, g), per-image means of a batch x in [-1, 1] whose noise comes from g (a CPU generator
+        seeded --seed), in plain float32 with the model in eval mode, so that they do not move with the device
+        or --amp. A line, and a row of losses.csv whose training cells are blank."""
         run = self.run
         if images is None or not self.on or run.signum:
             return
@@ -1060,8 +1021,7 @@ class LossLog:
             try:
                 plot_losses(self.csv, self.png)
             except MetricsError as e:
-                data.fail(f"{e}; {os.path.join(self.run.out, 'ckpt.pt')} holds step {self.run.step}. Free some "
-                          f"disk space, then resume")
+                _fail_writing(self.run, e)
 
 
 # ------------------------------------------------------------------ command line
@@ -1073,14 +1033,12 @@ def _fmt(value, spec, std=None):
 
 
 COMPARED = ("fid", "kid", "kid_std", "precision", "recall")     # a set against the reference
-STATS_ONLY = ("is statistics only: pass a features file from --save-features for KID and "
-              "precision/recall")
+STATS_ONLY = "is statistics only: pass a features file from --save-features for KID and precision/recall"
 
 
 def compare_to_reference(spec, stats, ref, args, device):
-    """FID (from mu and sigma) and KID, precision and recall (from the features, where both sets
-    have them) of one set against the reference. The reference's k-NN radii are kept in ref,
-    computed once for all sets."""
+    """FID (from mu and sigma) and KID, precision and recall (from the features, where both sets have them)
+    of one set against the reference. The reference's k-NN radii are kept in ref, computed once for all sets."""
     out = dict.fromkeys(COMPARED)
     if "mu" not in stats or "mu" not in ref:                    # --lapvar-only
         return out
@@ -1130,8 +1088,8 @@ def print_table(rows):
 
 
 def print_results(rows, ref, args):
-    """The table (or --json) of rows [(spec, stats)], the reference set last ("-" or null: not
-    available, e.g. IS of a features file, or anything compared to the reference itself)."""
+    """The table (or --json) of rows [(spec, stats)], the reference set last ("-" or null: not available, e.g.
+    IS of a features file, or anything compared to the reference itself)."""
     if ref is not None:
         rows = rows + [(f"{args.ref} (reference)", {**ref, **dict.fromkeys(COMPARED), "reference": True})]
     if args.json:
@@ -1200,19 +1158,17 @@ def _due(epoch, batch, step, cfg):
 
 
 class TrainingEval:
-    """--eval-every E --eval-n N --eval-ref REF of the model scripts: every E epochs and at the end, FID, KID,
-    IS, precision/recall and Laplacian variance of N images made in memory (no PNGs) against a reference
-    computed once; a row of OUT/eval.csv, the curves in OUT/eval.png, and OUT/best.pt when the samples' FID
-    is the lowest so far.
+    """--eval-every E --eval-n N --eval-ref REF: every E epochs and at the end, FID, KID, IS, precision/recall
+    and Laplacian variance of N images made in memory (no PNGs) against a reference computed once; a row of
+    OUT/eval.csv, the curves in OUT/eval.png, and OUT/best.pt when the samples' FID is the lowest so far.
 
-    Made before the first step (start()), so that a missing network or a bad reference stops the run there:
-    it loads the Inception network (weights as metrics.py --weights) and REF (a dataset name such as
-    mnist:test, cached in DATA_ROOT/cache; an image folder; a .npy features file; or a .npz statistics file,
-    which gives FID only), and starts eval.csv; on resume (after_step: the checkpoint's step) it keeps the
-    rows up to that step and the best FID among them. sets: the names of evaluate()'s sets, "samples" first
-    ("recon" too for a VAE). Each set's images come from make(i, b, g): b images from number i, their noise
-    drawn from g, a generator seeded `seed` at every evaluation, so that each evaluation scores the same z
-    and nothing moves the training's random stream (IS and KID draw from their own numpy RandomState)."""
+    Made before the first step, so that a missing network or a bad reference stops the run there: it loads
+    the Inception network and REF (as metrics.py --ref; a dataset is cached in DATA_ROOT/cache) and starts
+    eval.csv, keeping on resume (after_step) the rows up to the checkpoint's step and their best FID. sets:
+    the names of evaluate()'s sets, "samples" first ("recon" too for a VAE). Their images come from
+    make(i, b, g): b images from number i, their noise from g, a generator seeded `seed` at every evaluation,
+    so that each one scores the same z and none moves the training's random stream (IS and KID draw from
+    their own numpy RandomState)."""
 
     def __init__(self, ref, n, out_dir, weights=None, device="cpu", data_root="data", after_step=None,
                  sets=("samples",), batch_size=EVAL_BATCH, log=print, seed=0):
@@ -1246,10 +1202,10 @@ class TrainingEval:
 
     @classmethod
     def start(cls, run, sets, *models, held_out=None):
-        """The evaluation of a model script's run (data.Run) with --eval-every: rank 0's TrainingEval, None when
-        off. sets: {"samples": make, "recon": make}; models: the networks make uses (in eval mode while it
-        does); held_out: the images "recon" reconstructs. A resumed run first redoes the evaluation a kill lost:
-        its checkpoint stands where one was due and eval.csv has no row of its step."""
+        """A model script's evaluation (run: data.Run): rank 0's TrainingEval, or None without --eval-every.
+        sets: {"samples": make, "recon": make}; models: the networks make uses (in eval mode while it does);
+        held_out: the images "recon" reconstructs. A resumed run first redoes the evaluation a kill lost: its
+        checkpoint stands where one was due and eval.csv has no row of its step."""
         a = run.args
         if not (a.eval_every and run.train and run.rank == 0):
             return None
@@ -1271,9 +1227,9 @@ class TrainingEval:
         return ev
 
     def after_epoch(self, again=False):
-        """At the end of an epoch (rank 0, after ckpt.pt is saved): the evaluation, where one is due (not after
-        a stop signal: a resumed run makes it up); best.pt, when the FID is the lowest yet, is written before
-        the row of eval.csv, so that a kill between them leaves no row without its best.pt."""
+        """At an epoch's end (rank 0, after ckpt.pt is saved): the evaluation, where one is due (not after a stop
+        signal: a resumed run makes it up). best.pt is written before eval.csv's row: a kill between them
+        leaves no row without its best.pt."""
         run = self.run
         if not again and (run.signum or not _due(run.epoch, run.batch, run.step, vars(run.args))):
             return
@@ -1288,9 +1244,9 @@ class TrainingEval:
         return "" if name == "samples" else f"{name}_"
 
     def features(self, name, make):
-        """compute_features' dict for self.n images of make(i, count, g) -> count x C x H x W in [-1, 1], batch
-        by batch: each batch becomes the pixels that --sample writes (data.write_pngs) and goes through the
-        network at once; only its features are kept, never the n images."""
+        """compute_features' dict of self.n images of make(i, count, g) -> count x C x H x W in [-1, 1], batch
+        by batch: each becomes the pixels --sample writes (data.to_uint8) and goes through the network at
+        once; only the features are kept, never the n images."""
         outs, done, g = [], 0, torch.Generator(self.net.device).manual_seed(self.seed)
         while done < self.n:
             count = min(self.batch_size, self.n - done)
@@ -1308,11 +1264,9 @@ class TrainingEval:
         return {"n": done, **{k: np.concatenate([o[k] for o in outs]) for k in ("pool3", "logits", "lapvar")}}
 
     def evaluate(self, step, epoch, make, on_best=None):
-        """Score each set of make ({"samples": fn, "recon": fn}, the names given as sets; fn(i, count, g) ->
-        count x C x H x W float images in [-1, 1] on any device, C = 1 or 3), self.n images each, under no_grad
-        and without TF32. Appends a row to eval.csv (step, epoch, n, per set fid, kid, kid_std, is, is_std,
-        precision, recall, lapvar, and the seconds it took; on_best() first, when the samples' FID is the
-        lowest so far), redraws eval.png, logs one line. Returns whether the FID is the lowest so far."""
+        """Score self.n images of each set of make ({"samples": fn, "recon": fn}; fn(i, count, g) -> count x C x
+        H x W in [-1, 1], C = 1 or 3) without TF32: a row of eval.csv (after on_best(), when the samples' FID is
+        the lowest so far), eval.png redrawn, one line logged. Returns whether the FID is the lowest so far."""
         if set(make) != set(self.sets):
             raise MetricsError(f"evaluate() was given the sets {sorted(make)}, not {sorted(self.sets)}")
         t0 = time.perf_counter()
@@ -1339,27 +1293,24 @@ class TrainingEval:
 
 
 def plot_eval(csv_path, png_path):
-    """Draw eval.csv as a PNG: one panel per measure of EVAL_PANELS that has numbers, with each set's
-    curve (fid, recon_fid, ...) in it."""
+    """Draw eval.csv as a PNG: a panel per measure of EVAL_PANELS with numbers, each set's curve in it."""
     series, epoch_starts = read_losses(csv_path)
     panels = [(title, [k for k in series if k in columns or k.split("_", 1)[-1] in columns])
               for title, columns in EVAL_PANELS]
     return _draw_losses(series, epoch_starts, png_path, [(t, names) for t, names in panels if names])
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("samples", nargs="*", metavar="SAMPLES",
-                   help="image folder(s), .npz statistics, .npy features, or dataset names (mnist, "
-                        "cifar10:test, ...)")
+                   help="image folder(s), .npz statistics, .npy features, or dataset names (mnist, cifar10:test, ...)")
     p.add_argument("--ref", help="reference set for FID, KID, precision and recall: folder, .npy features, "
                                  "dataset name, or .npz statistics (FID only)")
     p.add_argument("--n", type=int, help="use the first N images of each folder/dataset (default: all)")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward pass")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--weights", help=f"path of {FID_WEIGHTS_FILE} (default: torch.hub cache, "
-                                     f"downloaded when online)")
+    p.add_argument("--weights", help=f"path of {FID_WEIGHTS_FILE} (default: torch.hub cache, downloaded when online)")
     p.add_argument("--save-stats", metavar="OUT.npz", help="save the (single) set's FID statistics")
     p.add_argument("--save-features", metavar="OUT.npy", help="save the (single) set's pool3 features "
                                                               "(float32 N x 2048): a reference for all metrics")
@@ -1369,25 +1320,34 @@ def main(argv=None):
     p.add_argument("--data-root", default="data", help="dataset root; reference statistics and "
                                                        "features are cached in DATA_ROOT/cache")
     p.add_argument("--plot", metavar="CSV", help="redraw CSV (a losses.csv) as a PNG beside it")
+    return p
+
+
+def _check_cli(p, args):
+    """The command line's checks, before any set is opened (a usage error exits with 2)."""
+    if not args.samples:
+        p.error("give at least one SAMPLES set (or --plot CSV)")
+    if args.batch_size < 1 or (args.n is not None and args.n < 1) or args.splits < 1:
+        p.error("--batch-size, --n and --splits must be positive")
+    if args.save_features and not args.save_features.endswith(".npy"):
+        raise MetricsError(f"--save-features {args.save_features}: give a file name ending in .npy "
+                           f"(that is how metrics.py recognises a features file)")
+    for flag, path, what in (("--save-stats", args.save_stats, "the statistics"),
+                             ("--save-features", args.save_features, "the features")):
+        if path and (len(args.samples) != 1 or args.lapvar_only):
+            raise MetricsError(f"{flag} takes exactly one SAMPLES set and needs the network (not --lapvar-only)")
+        if path:
+            check_writable(path, what)
+
+
+def main(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
     try:
         if args.plot:
             print(plot_csv(args.plot))
             return
-        if not args.samples:
-            p.error("give at least one SAMPLES set (or --plot CSV)")
-        if args.batch_size < 1 or (args.n is not None and args.n < 1) or args.splits < 1:
-            p.error("--batch-size, --n and --splits must be positive")
-        if args.save_features and not args.save_features.endswith(".npy"):
-            raise MetricsError(f"--save-features {args.save_features}: give a file name ending in .npy "
-                               f"(that is how metrics.py recognises a features file)")
-        for flag, path, what in (("--save-stats", args.save_stats, "the statistics"),
-                                 ("--save-features", args.save_features, "the features")):
-            if path and (len(args.samples) != 1 or args.lapvar_only):
-                raise MetricsError(f"{flag} takes exactly one SAMPLES set and needs the network "
-                                   f"(not --lapvar-only)")
-            if path:
-                check_writable(path, what)
+        _check_cli(p, args)
         get_model = LazyInception(args.weights, args.device)     # a bad --device fails here
         specs = args.samples + ([args.ref] if args.ref else [])
         opened = {spec: open_set(spec, args) for spec in specs}  # bad paths fail before long work

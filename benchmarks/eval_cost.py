@@ -36,6 +36,7 @@ import torchvision
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import data  # noqa: E402
 import metrics  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--weights", help="the real pt_inception weights (default: random, same cost)")
     args = p.parse_args()
-    device = metrics.resolve_device(args.device)
+    device = data.resolve_device(args.device)
     result = {"device": str(device), "threads": torch.get_num_threads(), "n": args.n, "ref_n": args.ref_n,
               "img_size": args.img_size, "batch_size": args.batch_size}
     rng = np.random.default_rng(0)

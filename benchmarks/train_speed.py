@@ -161,7 +161,7 @@ def child(spec):
     work, kind, name = pathlib.Path(spec["work"]), spec["kind"], spec["model"]
     device = torch.device(spec["device"])
     script = importlib.import_module(name)
-    args = script.get_args([])[1]
+    args = script.get_parser().parse_args([])
     batch = spec.get("batch_size") or args.batch_size
     timer = Timer(spec["warmup"], spec["steps"], batch)
     asked = {}

@@ -1,9 +1,9 @@
-"""dcgan.py through its real entry point (main(argv) in-process, and one real subprocess)."""
+"""dcgan.py through its real entry point, main(argv) in-process (as a process: tests/test_entry_points.py), and
+under torchrun."""
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -126,16 +126,16 @@ def test_bad_resume_paths_are_refused(tmp_path):
         dcgan.main(["--resume", os.path.join(out, "ckpt.pt"), "--ngf", "16", "--epochs", "0", "--sample", "1"])
 
 
-def test_command_line_entry_point(tmp_path):
+def test_the_entry_point_prints_the_counts_and_refuses_an_unknown_dataset(tmp_path, capsys):
+    # (as a process: tests/test_entry_points.py)
     out = str(tmp_path / "cli")
-    r = subprocess.run([sys.executable, "dcgan.py", *SMALL, "--max-steps", "2", "--out", out, "--sample", "3"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "G: 61,936 parameters   D: 11,232 parameters" in r.stdout
+    dcgan.main([*SMALL, "--max-steps", "2", "--out", out, "--sample", "3"])
+    r = capsys.readouterr()
+    assert "G: 61,936 parameters   D: 11,232 parameters" in r.out
     assert len(os.listdir(os.path.join(out, "samples"))) == 3
-    r = subprocess.run([sys.executable, "dcgan.py", "--data", "no-such-set", "--out", out + "-2"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        dcgan.main(["--data", "no-such-set", "--out", out + "-2"])
+    assert e.value.code.startswith("error: ") and "no-such-set" in e.value.code
 
 
 @pytest.mark.parametrize("beta1", ["1", "-0.1", "nan"])

@@ -302,7 +302,7 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def start_cache_build(tmp_path, sleep=2.0):
+def start_cache_build(tmp_path, sleep=1.0):
     """`python mlp_gan.py --data FOLDER` in its own session, its decoding slowed; -> (process, cache folder),
     once its two decoding workers run."""
     folder = many_images(tmp_path / "imgs", 1100)

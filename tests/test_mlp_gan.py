@@ -1,9 +1,6 @@
-"""mlp_gan.py through its real entry point (main(argv) in-process, and one real subprocess)."""
+"""mlp_gan.py through its real entry point, main(argv) in-process (as a process: tests/test_entry_points.py)."""
 import os
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,18 +80,18 @@ def test_checkpoint_of_another_script_is_refused(tmp_path):
         mlp_gan.load_model(os.path.join(out, "ckpt.pt"))
 
 
-def test_command_line_entry_point(tmp_path):
+def test_the_entry_point_prints_the_counts_and_refuses_an_unknown_dataset(tmp_path, capsys):
+    # (as a process: tests/test_entry_points.py)
     out = str(tmp_path / "cli")
-    r = subprocess.run([sys.executable, "mlp_gan.py", *SMALL, "--max-steps", "2", "--out", out],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "img/s" in r.stdout and os.path.exists(os.path.join(out, "ckpt.pt"))
+    mlp_gan.main([*SMALL, "--max-steps", "2", "--out", out])
+    r = capsys.readouterr()
+    assert "img/s" in r.out and os.path.exists(os.path.join(out, "ckpt.pt"))
     # The counts printed at start, by hand for latent 16 and fake data's 32x32x3 (3,072 numbers):
     # Linear(a, b) has a*b + b parameters, BatchNorm1d(b) has 2b.
     sizes = [16, 128, 256, 512, 1024]
     g = sum(a * b + 3 * b for a, b in zip(sizes, sizes[1:])) + 1024 * 3072 + 3072
     d = (3072 * 512 + 512) + (512 * 256 + 256) + (256 + 1)
-    assert f"G: {g:,} parameters   D: {d:,} parameters" in r.stdout
+    assert f"G: {g:,} parameters   D: {d:,} parameters" in r.out
 
 
 @pytest.mark.parametrize("flag,value", [("--beta1", "1"), ("--beta1", "nan"), ("--batch-size", "1")])

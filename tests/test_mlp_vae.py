@@ -1,9 +1,8 @@
 """mlp_vae.py: the loss against hand computations and a Monte-Carlo KL, the architecture, and the
-script through its real entry point (main(argv) in-process, one subprocess, one real-MNIST run)."""
+script through its real entry point (main(argv) in-process; as a process: tests/test_entry_points.py), and
+one real-MNIST run."""
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,8 +10,7 @@ import torch.nn as nn
 
 import data
 import mlp_vae
-from vae_helpers import (BCE_HAND, BCE_LOGITS, BCE_X, KL_HAND, KL_LOGVAR, KL_MU, check_recon_samples,
-                         check_run_folder, monte_carlo_kl, prior_samples, read_pngs, rows)
+from vae_helpers import BCE_HAND, BCE_LOGITS, BCE_X, KL_HAND, KL_LOGVAR, KL_MU, check_run_folder, monte_carlo_kl, rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "fake", "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
@@ -158,17 +156,16 @@ def test_bad_resume_paths_are_refused(tmp_path):
                       "--device", "cpu"])
 
 
-def test_command_line_entry_point(tmp_path):
+def test_the_entry_point_prints_the_counts_and_refuses_an_unknown_dataset(tmp_path, capsys):
+    # (as a process: tests/test_entry_points.py)
     out = str(tmp_path / "cli")
-    r = subprocess.run([sys.executable, "mlp_vae.py", *SMALL, "--img-size", "28", "--channels", "1",
-                        "--max-steps", "2", "--out", out, "--sample", "3"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "encoder: 534,276 parameters   decoder: 534,544 parameters" in r.stdout  # the 1,068,820 above
+    mlp_vae.main([*SMALL, "--img-size", "28", "--channels", "1", "--max-steps", "2", "--out", out, "--sample", "3"])
+    r = capsys.readouterr()
+    assert "encoder: 534,276 parameters   decoder: 534,544 parameters" in r.out  # the 1,068,820 above
     assert len(os.listdir(os.path.join(out, "samples"))) == 3
-    r = subprocess.run([sys.executable, "mlp_vae.py", "--data", "no-such-set", "--out", out + "-2", "--device", "cpu"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        mlp_vae.main(["--data", "no-such-set", "--out", out + "-2", "--device", "cpu"])
+    assert e.value.code.startswith("error: ") and "no-such-set" in e.value.code
 
 
 def test_real_mnist_learns_within_a_few_hundred_steps(tmp_path, mnist_root):

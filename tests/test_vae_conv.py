@@ -1,9 +1,8 @@
 """vae_conv.py: the loss against hand computations and a Monte-Carlo KL, the Hou et al.
-architecture, and the script through its real entry point (main(argv) in-process, one subprocess)."""
+architecture, and the script through its real entry point (main(argv) in-process; as a process:
+tests/test_entry_points.py)."""
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,8 +10,8 @@ import torch.nn as nn
 
 import data
 import vae_conv
-from vae_helpers import (BCE_HAND, BCE_LOGITS, BCE_X, KL_HAND, KL_LOGVAR, KL_MU, check_recon_samples,
-                         check_run_folder, heldout_kl, monte_carlo_kl, prior_samples, read_pngs, rows)
+from vae_helpers import (BCE_HAND, BCE_LOGITS, BCE_X, KL_HAND, KL_LOGVAR, KL_MU, check_run_folder, heldout_kl,
+                         monte_carlo_kl, prior_samples, read_pngs, rows)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--data", "fake", "--width", "16", "--latent-dim", "8", "--batch-size", "16", "--log-every", "1",
@@ -198,20 +197,20 @@ def test_bad_resume_paths_are_refused(tmp_path):
                        "--device", "cpu"])
 
 
-def test_command_line_entry_point(tmp_path):
+def test_the_entry_point_prints_the_counts_and_refuses_an_unknown_dataset(tmp_path, capsys):
+    # (as a process: tests/test_entry_points.py)
     out = str(tmp_path / "cli")
-    r = subprocess.run([sys.executable, "vae_conv.py", *SMALL, "--max-steps", "2", "--out", out, "--sample", "3"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    vae_conv.main([*SMALL, "--max-steps", "2", "--out", out, "--sample", "3"])
+    r = capsys.readouterr()
     # width 16 at 32px, latent 8: convs 3-4-8-16 (4x4), heads 256 -> 8; linear 8 -> 256, convs 8-4-3 (3x3).
     enc = 16 * (3 * 4 + 4 * 8 + 8 * 16) + 2 * (4 + 8 + 16) + 2 * (256 * 8 + 8)
     dec = 8 * 256 + 256 + 9 * (16 * 8 + 8 * 4 + 4 * 3) + 3 + 2 * (8 + 4)
-    assert f"encoder: {enc:,} parameters   decoder: {dec:,} parameters" in r.stdout
-    assert "held out: test_loss" in r.stdout
+    assert f"encoder: {enc:,} parameters   decoder: {dec:,} parameters" in r.out
+    assert "held out: test_loss" in r.out
     assert len(os.listdir(os.path.join(out, "samples"))) == 3
-    r = subprocess.run([sys.executable, "vae_conv.py", "--data", "no-such-set", "--out", out + "-2", "--device", "cpu"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "no-such-set" in r.stderr
+    with pytest.raises(SystemExit) as e:
+        vae_conv.main(["--data", "no-such-set", "--out", out + "-2", "--device", "cpu"])
+    assert e.value.code.startswith("error: ") and "no-such-set" in e.value.code
 
 
 # ---------------------------------------------------------------- --arch cifar10-report

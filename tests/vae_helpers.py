@@ -1,6 +1,6 @@
 """Checks shared by tests/test_vae_conv.py and tests/test_mlp_vae.py: hand-computed loss cases,
 a Monte-Carlo KL estimate, what a run's output folder must hold, and the single PNGs of --sample
-and --recon-samples recomputed from the checkpoint alone."""
+recomputed from the checkpoint alone."""
 import csv
 import math
 import os
@@ -95,21 +95,9 @@ def to_uint8(images):
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def check_recon_samples(script, out, n, size, mode):
-    """OUT/recon_samples must hold decode(mu(x)) of the first n held-out images of --data fake: the
-    mean code, not a sampled z, and not the inputs. Recomputed from the checkpoint alone."""
-    cfg = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["args"]
-    x = data.to_float(data.load("fake", split="test", img_size=cfg["img_size"], channels=cfg["channels"]).images[:n])
-    model = script.load_model(os.path.join(out, "ckpt.pt"))
-    with torch.no_grad():
-        expected = to_uint8(model.decode(model.encode(x)[0]))
-    assert torch.equal(read_pngs(os.path.join(out, "recon_samples"), n, size, mode), expected)
-    assert not torch.equal(expected, to_uint8(x))  # reconstructions, not copies of the inputs
-
-
 def prior_samples(script, out, n, temperature, seed=0):
-    """What --sample n --temperature t must write: decode(t * eps), eps ~ N(0, I) drawn n x latent by a
-    CPU generator seeded with --seed + 1 (the script's), decoded by the checkpoint's model."""
+    """decode(t * eps), eps ~ N(0, I) drawn n x latent by a CPU generator seeded with --seed + 1, decoded by
+    the checkpoint's model: --sample n is t = 1 (the script's stream)."""
     model = script.load_model(os.path.join(out, "ckpt.pt"))
     eps = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
