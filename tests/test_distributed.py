@@ -270,7 +270,8 @@ def test_sync_bn_works_or_says_why_not(runs, script):
             assert len(rec["params"]) >= 1
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+# The stop is data.Run's, one code path for every script: a DDP script and vaegan.py (its own all-reduce).
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s in ("dcgan", "vaegan")])
 def test_sigterm_under_torchrun_saves_where_all_ranks_stopped_and_resumes(tmp_path, script):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
