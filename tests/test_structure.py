@@ -68,3 +68,13 @@ def test_no_function_is_defined_alike_in_three_model_scripts():
                 key = (f.name, ast.dump(ast.Module(body=body, type_ignores=[])), ast.dump(f.args))
                 seen.setdefault(key, []).append(name)
     assert [(k[0], v) for k, v in seen.items() if len(v) >= 3] == []
+
+
+def test_no_run_of_20_identical_lines_in_two_model_scripts():
+    """Two model scripts may share short runs (imports, the end of an epoch), never a copied block of 20 lines."""
+    import difflib
+    import itertools
+    texts = {name: (REPO / name).read_text().splitlines() for name in SCRIPTS}
+    longest = {(a, b): max(m.size for m in difflib.SequenceMatcher(None, texts[a], texts[b], autojunk=False)
+                           .get_matching_blocks()) for a, b in itertools.combinations(SCRIPTS, 2)}
+    assert {pair: size for pair, size in longest.items() if size >= 20} == {}
