@@ -17,6 +17,7 @@ the settings and every file's path, size, mtime and ctime. Expected failures rai
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -217,20 +218,29 @@ CELEBA_FILES = ("img_align_celeba/ (the 202,599 aligned JPEGs) with list_attr_ce
                 "list_eval_partition.csv (Kaggle layout)")
 
 
+@contextlib.contextmanager
+def download_timeout():
+    """Inside, a socket that answers nothing for DOWNLOAD_TIMEOUT_S fails (urllib's downloads, which
+    torchvision's and torch.hub's use, have no timeout of their own): offline, a download fails fast."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
 def _torchvision_source(name, root, split, download):
     import torchvision.datasets
     cls, folder, what = TORCHVISION[name]
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)   # torchvision's urllib downloads have no timeout of their own
     try:
-        ds = getattr(torchvision.datasets, cls)(root, train=split == "train", download=download)
+        with download_timeout():
+            ds = getattr(torchvision.datasets, cls)(root, train=split == "train", download=download)
     except Exception as e:  # a downloader or a missing file: never a traceback
         why = f"no answer within {DOWNLOAD_TIMEOUT_S} s" if isinstance(e, TimeoutError) else \
             _reason(e) if download else "download=False"
         raise DataError(f"{name} is not in {root / folder} and could not be downloaded ({why}); "
                         f"put {what} in {root / folder}") from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
     items = ds.data.numpy() if torch.is_tensor(ds.data) else np.asarray(ds.data)
     files = sorted(p for p in (root / folder).iterdir() if p.is_file())
     return _Source(name, files, items, 1 if items.ndim == 3 else 3, np.asarray(ds.targets, dtype=np.int64),
@@ -442,7 +452,7 @@ def _allocate(path, start, end):
         try:
             os.posix_fallocate(f.fileno(), start, end - start)
         except (AttributeError, OSError) as e:  # none on macOS and Windows, or not on this file system: write zeros
-            if isinstance(e, OSError) and e.errno not in (95, 22):  # EOPNOTSUPP, EINVAL
+            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             for at in range(start, end, 1 << 26):
                 f.seek(at)
@@ -761,6 +771,10 @@ class Run:
             fail(f"--lr must be a positive number, got {a.lr}")
         if a.img_size is not None and a.img_size < 1:
             fail(f"--img-size must be a positive number of pixels, got {a.img_size}")
+        if a.batch_size % self.world:  # (as data.Loader says to its callers, but before any data is read)
+            fail(f"--batch-size {a.batch_size} is not divisible by the {self.world} ranks; use a multiple of "
+                 f"{self.world}")
+        self._check_layout()
         if self.ddp and getattr(a, "sync_bn", False) and self.device.type != "cuda":  # else DDP raises inside
             fail("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on the CPU); drop --sync-bn to "
                  "keep BatchNorm per rank")
@@ -770,6 +784,21 @@ class Run:
                 flag = "--" + k.replace("_", "-")
                 fail(f"{a.resume} was trained with {flag} {ckpt['args'][k]}, which {flag} {getattr(a, k)} does not "
                      f"fit; drop {flag} to use the checkpoint's")
+
+    def _check_layout(self, images=None):
+        """A checkpoint saved part-way through an epoch stands at a batch of its own layout (its images in batches
+        of its global --batch-size; any number of ranks shares them): in another, that batch is another place in
+        the epoch or past its end."""
+        a, ckpt = self.args, self.ckpt
+        self.layout = {"batch_size": a.batch_size, "images": images}
+        if not (ckpt and self.batch):
+            return
+        saved = ckpt.get("layout", {"batch_size": ckpt["args"]["batch_size"]})   # (older: the batch size alone)
+        if any(saved.get(k, v) != v for k, v in self.layout.items() if v is not None):
+            fail(f"{a.resume} stopped part-way through epoch {self.epoch + 1}, at batch {self.batch} of "
+                 + (f"{saved['images']} images " if "images" in saved else "")
+                 + f"in batches of --batch-size {saved['batch_size']}; resume it with those, or resume a checkpoint "
+                 f"saved at an epoch's end")
 
     def _ready(self):
         a, ckpt = self.args, self.ckpt
@@ -794,8 +823,8 @@ class Run:
         default = os.path.dirname(os.path.abspath(a.resume)) if a.resume else \
             os.path.join("runs", f"{self.script}-{os.path.basename(os.path.normpath(a.data))}")
         out, here = a.out or default, os.path.join(a.out or default, "ckpt.pt")
-        if not self.train or not _holds_run(out) or a.resume and os.path.exists(here) and os.path.samefile(here,
-                                                                                                          a.resume):
+        own = a.resume and os.path.exists(here) and os.path.samefile(here, a.resume)  # the folder's own ckpt.pt
+        if not self.train or not _holds_run(out) or own:
             return out
         what = f"resuming {a.resume} (step {self.step}) there would rewind it" if a.resume else \
             "a new run there would overwrite it"
@@ -807,19 +836,23 @@ class Run:
         return f"{default}-{n}"
 
     def check_memory(self, dry_run, widths="the network widths"):
-        """Refuse what cannot fit before allocating any of it: dry_run() builds the networks on the meta device
-        (shapes only, no memory) and runs one step's forward passes. The estimate: 4 float32 copies of every
-        parameter (weights, gradients, two optimizer moments) and every layer's output (kept for the backward)."""
+        """Refuse what cannot fit before allocating any of it: dry_run(b) builds the networks on the meta device
+        (shapes only, no memory) and runs one step's forward passes on b images, this rank's share of the batch
+        (BatchNorm's batch statistics need two where a layer gives one value per channel). The estimate: 4 float32
+        copies of every parameter (weights, gradients, two optimizer moments) and every layer's output (kept for
+        the backward)."""
         outputs = []
 
         def count(m, _inputs, out):
             if not list(m.children()) and torch.is_tensor(out):
                 outputs.append(out.numel())
+        b = self.args.batch_size // self.world
         try:
             with torch.device("meta"), nn.modules.module.register_module_forward_hook(count):
-                nets = dry_run()
-        except ValueError as e:  # a size the architecture cannot take
-            fail(e)
+                nets = dry_run(b)
+        except ValueError as e:  # a size the architecture cannot take, or too few images for BatchNorm
+            fail(f"--batch-size {self.args.batch_size} leaves {b} image per rank, too few for BatchNorm's batch "
+                 f"statistics; use at least {2 * self.world}" if "value per channel" in str(e) else e)
         need = 4 * (4 * sum(p.numel() for net in nets for p in net.parameters()) + sum(outputs))
         with contextlib.suppress(AttributeError, ValueError, OSError):  # (no sysconf: Windows)
             have = torch.cuda.mem_get_info(self.device)[1] if self.device.type == "cuda" else \
@@ -856,6 +889,7 @@ class Run:
             except DataError as e:
                 fail(e)
             self.n = len(loader)
+            self._check_layout(len(loader.images))
         self.log("settings: " + " ".join(f"{k}={v}" for k, v in vars(a).items()))
         return loader
 
@@ -987,7 +1021,7 @@ class Run:
         path = os.path.join(self.out, name)
         try:
             save_checkpoint(path, {"script": self.script, "args": vars(self.args), "epoch": self.epoch,
-                                   "batch": self.batch, "step": self.step,
+                                   "batch": self.batch, "step": self.step, "layout": self.layout,
                                    **{k: v.cpu() if torch.is_tensor(v) else v.state_dict()
                                       for k, v in self.parts.items()}})
         except DataError as e:

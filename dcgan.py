@@ -20,6 +20,8 @@ import data
 import metrics
 
 
+# -----------------------------------------------------------------------------
+# Models. The depth follows the image size: one up-sampling block per doubling
 # from 4x4 to the output size, the channel count halving each time and ending
 # at ngf. 64x64 gives the paper's 512 -> 256 -> 128 -> 64 stack.
 
@@ -186,7 +188,6 @@ def load_model(path, device="cpu"):
     return G.to(device).eval()
 
 
-
 # -----------------------------------------------------------------------------
 # The loss. D outputs a logit l = log(D(x) / (1 - D(x))); binary cross-entropy on
 # logits is the numerically safe form of -[y log D(x) + (1 - y) log(1 - D(x))].
@@ -257,7 +258,7 @@ SHAPE_FLAGS = ["arch", "latent_dim", "ngf", "ndf", "channels", "img_size"]  # a 
 
 
 def upgrade(cfg):
-    """A checkpoint from before --arch holds the paper's networks."""
+    """A checkpoint from before --arch holds the paper's networks (so a typed --arch is checked against it)."""
     cfg.setdefault("arch", "paper")
 
 
@@ -281,13 +282,13 @@ def check_args(args, run):
         args.ngf, args.ndf = args.ngf or 64, args.ndf or 64
         if min(args.ngf, args.ndf) < 1:
             data.fail(f"--ngf and --ndf must be at least 1, got {args.ngf} and {args.ndf}")
-    run.check_memory(lambda: dry_run(args))
+    run.check_memory(lambda b: dry_run(args, b))
 
 
-def dry_run(args):
-    """Both networks on one batch: what data.Run.check_memory measures on the meta device (shapes only)."""
+def dry_run(args, b):
+    """Both networks on a batch of b: what data.Run.check_memory measures on the meta device (shapes only)."""
     G, D = build(vars(args))
-    D(G(torch.zeros(args.batch_size, args.latent_dim)))
+    D(G(torch.zeros(b, args.latent_dim)))
     return G, D
 
 
@@ -333,13 +334,7 @@ def main(argv=None):
                 losses = train_step(G_train, D_train, D_for_G, optG, optD, real, args)
                 if run.step_done(losses):                                  # a log step
                     log.row(losses)
-            if run.rank == 0:
-                run.save()
-                with metrics.evaluating(G):
-                    metrics.save_grid(run, "grid", G(fixed_z))
-                log.plot()
-                if evaluation:
-                    evaluation.after_epoch()
+            metrics.end_epoch(run, log, evaluation, G, lambda: G(fixed_z))   # ckpt.pt, grid, losses.png, eval
     run.finish()
 
     # --- Sampling: --sample N single PNGs from fresh z ~ N(0, I), for metrics.py.

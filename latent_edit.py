@@ -117,12 +117,12 @@ def beside_ckpt(args, name):
 
 
 def write_cache(obj, path):
-    """Saves obj at path via a renamed temporary file; False where it cannot be written: used, just not cached."""
+    """Saves obj at path (data.save_checkpoint: a renamed temporary file, removed on failure); False where it
+    cannot be written: used, just not cached."""
     try:
-        torch.save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        data.save_checkpoint(path, obj)
         return True
-    except (OSError, RuntimeError):
+    except data.DataError:
         return False
 
 

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import pathlib
-import socket
 import sys
 import tempfile
 import time
@@ -57,7 +56,6 @@ import data
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-DOWNLOAD_TIMEOUT_S = 15     # socket timeout: an offline machine fails fast instead of hanging
 FID_DIMS = 2048             # pool3 features; fewer images than this -> rank-deficient covariance
 IS_SPLITS = 10              # torch-fidelity defaults.py: isc_splits=10, samples_shuffle=True, rng_seed=2020
 IS_SEED = 2020
@@ -207,17 +205,14 @@ def weights_path(weights=None):
     if os.path.isfile(cached):
         return cached
     os.makedirs(os.path.dirname(cached), exist_ok=True)
-    old_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         note(f"downloading the FID Inception weights from {FID_WEIGHTS_URL}")
-        torch.hub.download_url_to_file(FID_WEIGHTS_URL, cached, progress=True)  # temp file + rename
+        with data.download_timeout():
+            torch.hub.download_url_to_file(FID_WEIGHTS_URL, cached, progress=True)  # temp file + rename
     except Exception as e:  # noqa: BLE001  (URLError, timeout, HTTP errors: all mean "not available")
         raise MetricsError(f"the FID Inception weights are not in the cache {cached} and could not be "
                            f"downloaded from {FID_WEIGHTS_URL} ({e.__class__.__name__}); download that "
                            f"file to {cached} or pass its path with --weights PATH") from None
-    finally:
-        socket.setdefaulttimeout(old_timeout)
     return cached
 
 
@@ -255,11 +250,12 @@ def load_inception(weights=None, device="cpu"):
 # ------------------------------------------------------------------ one pass over a set of images
 
 def _batches(source, batch_size, skipped):
-    """Yield lists of uint8 C x H x W tensors; unreadable files are appended to skipped."""
+    """Yield uint8 batches: B x C x H x W tensors of a tensor source (where it is: one copy a batch), lists of
+    C x H x W tensors read from files; unreadable files are appended to skipped."""
     for start in range(0, len(source), batch_size):
         chunk = source[start:start + batch_size]
         if isinstance(chunk, torch.Tensor):
-            yield list(chunk)
+            yield chunk
             continue
         images = []
         for path in chunk:
@@ -275,6 +271,9 @@ def _model_input(images, device):
     """uint8 C x H x W images -> N x 3 x H x W float in [0, 1] on device, as pytorch-fid's PIL .convert("RGB")
     + ToTensor (gray replicated). One host -> device copy of the batch's uint8 pixels (one per image would make
     a GPU wait on many small transfers); images of different sizes are each resized to 299 x 299 there."""
+    if isinstance(images, torch.Tensor):                                   # B x C x H x W, one size
+        x = images.to(device).float().div(255).expand(-1, 3, -1, -1)
+        return x.contiguous(memory_format=torch.channels_last if x.is_cuda else torch.contiguous_format)
     shapes = [im.shape for im in images]
     pixels = torch.cat([im.reshape(-1) for im in images]).to(device)
     xs = [p.view(shape).float().div(255).expand(3, -1, -1).unsqueeze(0)
@@ -305,7 +304,8 @@ def compute_features(source, model=None, batch_size=50, device="cpu", lapvar=Fal
     with torch.inference_mode(), evaluating(exact=device):
         for images in _batches(source, batch_size, skipped):
             if len(sizes) < 2:
-                sizes.update(tuple(im.shape[1:]) for im in images)
+                sizes.update([tuple(images.shape[2:])] if isinstance(images, torch.Tensor) else
+                             (tuple(im.shape[1:]) for im in images))
                 if len(sizes) > 1:
                     (h1, w1), (h2, w2) = sorted(sizes)[:2]
                     note(f"note: {name} has images of different sizes ({h1}x{w1}, {h2}x{w2}, ...); "
@@ -849,12 +849,24 @@ def _draw_panel(draw, top, title, names, series, epoch_starts, font):
 def start_log(csv_path, columns, after_step=None, source=None):
     """A run's CSV log (losses.csv, eval.csv): a new file with its header, or on resume (after_step: the
     checkpoint's step) the rows of source (default: csv_path itself) up to that step, each value under its
-    own column name: rows a killed run logged after its last checkpoint would otherwise come twice."""
-    rows, source = [], source or csv_path
+    own column name: rows a killed run logged after its last checkpoint would otherwise come twice. A line that
+    a power cut or a kill damaged (NUL bytes, torn in the middle) is left out with a warning."""
+    rows, source, damaged = [], source or csv_path, 0
     if after_step is not None and os.path.exists(source):
-        with open(source, newline="") as f:
-            header, *old = list(csv.reader(f)) or [[]]
-        rows = [[dict(zip(header, r)).get(c, "") for c in columns] for r in old if r and int(r[0]) <= after_step]
+        with open(source, newline="", errors="replace") as f:                 # (one row a line: no quoted newlines)
+            header, *old = [line for line in f.read().replace("\0", "").splitlines() if line] or [""]
+        header = next(csv.reader([header]))
+        for line in old:
+            try:
+                r = next(csv.reader([line]))
+                keep = int(r[0]) <= after_step
+            except (csv.Error, ValueError):
+                damaged += 1
+                continue
+            if keep:
+                rows.append([dict(zip(header, r)).get(c, "") for c in columns])
+    if damaged:
+        print(f"warning: left out {damaged} damaged line(s) of {source}", file=sys.stderr)
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([columns] + rows)
 
@@ -950,6 +962,24 @@ def save_recon(run, x, x_hat):
     n = len(x) - len(x) % row
     pairs = torch.stack([x[:n].float(), x_hat[:n].float()], 1)                 # n x 2 x C x H x W
     save_grid(run, "recon", pairs.view(-1, row, 2, *x.shape[1:]).transpose(1, 2).flatten(0, 2), nrow=row)
+
+
+def end_epoch(run, log, evaluation, net, grid, images=None, reconstruct=None):
+    """Rank 0 at the end of an epoch (or of the run, after a stop), in an order a kill cannot break: ckpt.pt
+    first (best.pt is a copy of it); then, with net in eval mode, OUT/grid_epoch_NNN.png of grid() (the fixed z's
+    samples) and, for a VAE, recon_epoch_NNN.png: the first 32 training images above reconstruct(x); losses.png;
+    last the evaluation (eval.csv, best.pt) where --eval-every makes one due."""
+    if run.rank:
+        return
+    run.save()
+    with evaluating(net):
+        save_grid(run, "grid", grid())
+        if reconstruct is not None:
+            x = data.to_float(images[:32].to(run.device))                    # 32 x C x H x W in [-1, 1]
+            save_recon(run, x, reconstruct(x))
+    log.plot()
+    if evaluation:
+        evaluation.after_epoch()
 
 
 def write_samples(run, make, *nets):
@@ -1151,6 +1181,14 @@ def check_args(args, run):
                           f"resume with a fresh --out to start another series")
 
 
+def _number(cell):
+    """An eval.csv cell as a float; inf where it is blank or damaged (a row that cannot be the best)."""
+    try:
+        return float(cell)
+    except (TypeError, ValueError):
+        return math.inf
+
+
 def _due(epoch, batch, step, cfg):
     """Whether a run standing here evaluates: every eval_every whole epochs, and where it ends."""
     return (batch == 0 and epoch % cfg["eval_every"] == 0) or epoch >= cfg["epochs"] or \
@@ -1196,7 +1234,7 @@ class TrainingEval:
         os.makedirs(out_dir, exist_ok=True)
         start_log(self.csv, self.columns, after_step)
         with open(self.csv, newline="") as f:           # the best FID of the rows kept on resume
-            self.steps = [(int(r["step"]), float(r["fid"]) if r.get("fid") else math.inf) for r in csv.DictReader(f)]
+            self.steps = [(int(r["step"]), _number(r.get("fid"))) for r in csv.DictReader(f)]
         self.best = min((fid for _, fid in self.steps), default=math.inf)
         self.last = None                                 # the last evaluation's row {column: value}
 

@@ -125,11 +125,8 @@ def check_args(args, run):
     metrics.check_args(args, run)
     if not 0 <= args.beta1 < 1:  # also false for NaN
         data.fail(f"--beta1 must be in [0, 1), got {args.beta1}")
-    if args.batch_size // run.world < 2:  # BatchNorm1d normalises each feature over the batch
-        data.fail(f"--batch-size {args.batch_size} leaves fewer than 2 images per rank, too few for the generator's "
-                  f"BatchNorm; use at least {2 * run.world}")
     args.img_size = args.img_size or data.DEFAULT_IMG_SIZE.get(args.data, data.FOLDER_IMG_SIZE)
-    run.check_memory(lambda: dry_run(args), "--img-size or --batch-size")
+    run.check_memory(lambda b: dry_run(args, b), "--img-size or --batch-size")
 
 
 def make_networks(args, run):
@@ -142,10 +139,10 @@ def make_networks(args, run):
     return G, D, optG, optD
 
 
-def dry_run(args):
-    """Both networks on one batch: what data.Run.check_memory measures on the meta device (shapes only)."""
+def dry_run(args, b):
+    """Both networks on a batch of b: what data.Run.check_memory measures on the meta device (shapes only)."""
     G, D = build(vars(args))
-    D(G(torch.zeros(args.batch_size, args.latent_dim)))
+    D(G(torch.zeros(b, args.latent_dim)))
     return G, D
 
 
@@ -175,13 +172,7 @@ def main(argv=None):
                 values = train_step(*nets, optG, optD, x, args)
                 if run.step_done(values):
                     log.row(values)
-            if run.rank == 0:
-                run.save()
-                with metrics.evaluating(G):
-                    metrics.save_grid(run, "grid", G(fixed_z))
-                log.plot()
-                if evaluation:
-                    evaluation.after_epoch()
+            metrics.end_epoch(run, log, evaluation, G, lambda: G(fixed_z))   # ckpt.pt, grid, losses.png, eval
     run.finish()
     metrics.write_samples(run, samples, G)                 # --sample N: single PNGs for metrics.py
 

@@ -130,7 +130,7 @@ def check_args(args, run):
     """mlp_vae.py's own flags (data.Run has checked the shared ones), before any data is read."""
     metrics.check_args(args, run)
     args.img_size = args.img_size or data.DEFAULT_IMG_SIZE.get(args.data, data.FOLDER_IMG_SIZE)
-    run.check_memory(lambda: [build(vars(args))], "--img-size or --batch-size")  # parameters: no forward needed
+    run.check_memory(lambda b: [build(vars(args))], "--img-size or --batch-size")  # parameters: no forward needed
 
 
 def make_networks(args, run):
@@ -173,15 +173,8 @@ def main(argv=None):
                 if run.step_done(losses):
                     log.row(losses)
             log.held_out(model, test, args.batch_size, lambda x, g: held_out_loss(model, x, g))
-            if run.rank == 0:
-                run.save()
-                x = data.to_float(loader.images[:32]).to(device)
-                with metrics.evaluating(model):
-                    metrics.save_grid(run, "grid", model.decode(fixed_z))
-                    metrics.save_recon(run, x, model.decode(model.encode(x)[0]))
-                log.plot()
-                if evaluation:
-                    evaluation.after_epoch()
+            metrics.end_epoch(run, log, evaluation, model, lambda: model.decode(fixed_z),     # samples of z
+                              loader.images, lambda x: model.decode(model.encode(x)[0]))   # x -> decode(mu(x))
     run.finish()
     metrics.write_samples(run, sets["samples"], model)
 

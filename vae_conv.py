@@ -38,7 +38,7 @@ def _num_blocks(img_size, width):
 class VAE(nn.Module):
     def __init__(self, latent_dim=128, width=256, channels=3, img_size=64, recon="mse"):
         super().__init__()
-        self.latent_dim, self.width, self.recon = latent_dim, width, recon
+        self.latent_dim, self.recon = latent_dim, recon
         self.start = (width, 4, 4)  # the decoder's first feature map
         n = _num_blocks(img_size, width)
         widths = [width >> k for k in reversed(range(n))]  # 64px: 32, 64, 128, 256
@@ -210,7 +210,7 @@ SHAPE_FLAGS = ["arch", "latent_dim", "width", "channels", "img_size", "recon"]
 
 
 def upgrade(cfg):
-    """A checkpoint from before --arch holds the paper's network."""
+    """A checkpoint from before --arch holds the paper's network (so a typed --arch is checked against it)."""
     cfg.setdefault("arch", "paper")
 
 
@@ -231,7 +231,7 @@ def check_args(args, run):
     args.img_size = args.img_size or (64 if args.data == "celeba" else 32)
     if args.width is not None and args.width < 1:
         data.fail(f"--width must be at least 1, got {args.width}")
-    run.check_memory(lambda: dry_run(args), "--img-size, --batch-size or --width")
+    run.check_memory(lambda b: dry_run(args, b), "--img-size, --batch-size or --width")
 
 
 def make_networks(args, run):
@@ -244,10 +244,10 @@ def make_networks(args, run):
     return model, opt
 
 
-def dry_run(args):
-    """The VAE on one batch: what data.Run.check_memory measures on the meta device (shapes only)."""
+def dry_run(args, b):
+    """The VAE on a batch of b: what data.Run.check_memory measures on the meta device (shapes only)."""
     model = build(vars(args))
-    model(torch.zeros(args.batch_size, args.channels or 3, args.img_size, args.img_size))
+    model(torch.zeros(b, args.channels or 3, args.img_size, args.img_size))
     return [model]
 
 
@@ -285,15 +285,8 @@ def main(argv=None):
                 if run.step_done(losses):
                     log.row(losses)
             log.held_out(model, test, args.batch_size, lambda x, g: held_out_loss(model, x, g, args))
-            if run.rank == 0:
-                run.save()
-                x = data.to_float(loader.images[:32]).to(device)
-                with metrics.evaluating(model):
-                    metrics.save_grid(run, "grid", model.decode(fixed_z))
-                    metrics.save_recon(run, x, model.decode(model.encode(x)[0]))
-                log.plot()
-                if evaluation:
-                    evaluation.after_epoch()
+            metrics.end_epoch(run, log, evaluation, model, lambda: model.decode(fixed_z),     # samples of z
+                              loader.images, lambda x: model.decode(model.encode(x)[0]))   # x -> decode(mu(x))
     run.finish()
     metrics.write_samples(run, sets["samples"], model)                              # --sample N, z ~ N(0, I)
 

@@ -363,7 +363,7 @@ def check_args(args, run):
         data.fail("--margin skips an update by zeroing its gradient, which stops RMSprop but not Adam (its momentum "
                   "moves the weights on); with --optim adam add --margin none")
     args.img_size = args.img_size or (64 if args.data == "celeba" else 32)
-    run.check_memory(lambda: dry_run(args), "--img-size, --batch-size or --width")
+    run.check_memory(lambda b: dry_run(args, b), "--img-size, --batch-size or --width")
 
 
 def make_networks(args, run):
@@ -378,10 +378,10 @@ def make_networks(args, run):
     return (model, *opts)
 
 
-def dry_run(args):
-    """One step's forward passes: what data.Run.check_memory measures on the meta device (shapes only)."""
+def dry_run(args, b):
+    """One step's forward passes on b images: what data.Run.check_memory measures on the meta device (shapes only)."""
     model = build(vars(args))
-    x = torch.zeros(args.batch_size, args.channels or 3, args.img_size, args.img_size)
+    x = torch.zeros(b, args.channels or 3, args.img_size, args.img_size)
     mu, _ = model.encode(x)                                                  # as train_step: Enc on B,
     model.discriminator(torch.cat([x, model.decode(torch.cat([mu, mu]))]))  # Dec on 2B, Dis on 3B
     return [model]
@@ -427,18 +427,12 @@ def main(argv=None):
                 t = train_step(nets, opts, x, args.gamma, args.dis_layer, args.amp, run.world,
                                separate_dis=args.separate_dis, real_weight=args.real_weight, margin=args.margin,
                                equilibrium=args.equilibrium)
-                if run.step_done({k: t[k] for k in LOGGED}):
-                    log.row({k: t[k] for k in LOGGED})
+                logged = {k: t[k] for k in LOGGED}
+                if run.step_done(logged):
+                    log.row(logged)
             log.held_out(model, test, 256, lambda x, g: held_out_losses(model, x, g, args.dis_layer))
-            if run.rank == 0:
-                run.save()
-                x = data.to_float(loader.images[:32]).to(device)
-                with metrics.evaluating(model):
-                    metrics.save_grid(run, "grid", model.decode(fixed_z))
-                    metrics.save_recon(run, x, model.decode(model.encode(x)[0]))
-                log.plot()
-                if evaluation:
-                    evaluation.after_epoch()
+            metrics.end_epoch(run, log, evaluation, model, lambda: model.decode(fixed_z),     # samples of z
+                              loader.images, lambda x: model.decode(model.encode(x)[0]))   # x -> decode(mu(x))
     run.finish()
     metrics.write_samples(run, sets["samples"], model)
 

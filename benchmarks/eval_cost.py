@@ -79,9 +79,8 @@ def main():
             metrics.save_features(ref, rng.normal(size=(args.ref_n, 2048)).astype(np.float32))
             ev, result["setup_s"] = timed(metrics.TrainingEval, ref, args.n, os.path.join(tmp, "run"),
                                           weights=weights, device=device, batch_size=args.batch_size)
-            gen = torch.Generator(device).manual_seed(0)
             make = lambda i, count, g: torch.rand(count, 3, args.img_size, args.img_size, device=device,  # noqa: E731
-                                            generator=gen) * 2 - 1
+                                                  generator=g) * 2 - 1
             passes = []                                          # keep the pass's output for the breakdown
             ev.features = lambda name, fn, pass_=ev.features: passes.append(pass_(name, fn)) or passes[-1]
             ev.evaluate(1, 1, {"samples": make})

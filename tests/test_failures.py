@@ -491,3 +491,49 @@ def test_resuming_the_best_checkpoint_of_an_evaluated_run_branches_and_evaluates
     assert {f: (out / f).read_bytes() for f in before} == before
     rows = eval_rows(tmp_path / "run-2")            # a series of its own: the point it started from, then on
     assert [int(r["step"]) for r in rows] == list(range(best, 3 * STEPS_PER_EPOCH + 1, STEPS_PER_EPOCH))
+
+
+# ---------------------------------------------------------------- found in review: bad input that ended in a traceback
+
+@pytest.mark.parametrize("batch_size", ["1024", "128"])
+def test_resuming_part_way_through_an_epoch_with_another_batch_size_is_one_sentence(tmp_path, batch_size):
+    """A checkpoint's position (epoch, batch) counts batches of its own size: with another --batch-size the
+    batch is past the epoch's end (a traceback from inside the loop) or, worse, silently another place."""
+    out = tmp_path / "run"
+    run("mlp_gan", out, "--max-steps", "3")                     # batch 3 of 8 in epoch 1
+    msg = fails("mlp_gan", ["--resume", str(out / "ckpt.pt"), "--batch-size", batch_size, "--max-steps", "6"])
+    assert "--batch-size 256" in msg and "part-way through epoch 1" in msg
+    assert ckpt(out)["step"] == 3
+    run("mlp_gan", out, "--resume", str(out / "ckpt.pt"), "--max-steps", "6")   # the same layout resumes
+    assert ckpt(out)["step"] == 6
+
+
+@pytest.mark.parametrize("script", ["vaegan", "mlp_gan"])
+def test_a_batch_of_one_image_per_rank_is_refused_before_batchnorm_fails(tmp_path, monkeypatch, script):
+    """BatchNorm1d needs two images per rank: under torchrun the memory check's dry run must use this rank's
+    share of the batch, and the refusal names the smallest --batch-size that trains (checked before
+    init_process_group, so RANK and WORLD_SIZE alone make it torchrun's)."""
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "0")
+    msg = fails(script, args(script, tmp_path / "run") + ["--batch-size", "2"])
+    assert "1 image per rank" in msg and "at least 4" in msg
+
+
+def test_a_batch_size_the_ranks_cannot_share_is_refused_before_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0"), monkeypatch.setenv("WORLD_SIZE", "2"), monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("data was read before the flags were checked"))
+    assert "not divisible by the 2 ranks" in fails("vaegan", args("vaegan", tmp_path / "run") + ["--batch-size", "5"])
+
+
+@pytest.mark.parametrize("name", ["losses.csv", "eval.csv"])
+def test_a_damaged_log_does_not_stop_a_resume(tmp_path, weights_file, data_root, small_network, name):  # noqa: F811
+    """A power cut can leave NUL bytes or a torn line in a log: resuming keeps every readable row up to the
+    checkpoint's step, warns, and trains on."""
+    out = tmp_path / "run"
+    run("mlp_gan", out, "--epochs", "2", "--max-steps", "8", *eval_flags(weights_file, data_root))
+    kept = (out / name).read_text().splitlines()[1:]
+    with open(out / name, "ab") as f:
+        f.write(b"\x00\x00\x00garbage,\x00\n12\x00,3,x\n\x00")
+    run("mlp_gan", out, "--resume", str(out / "ckpt.pt"), "--max-steps", "10", *eval_flags(weights_file, data_root))
+    lines = (out / name).read_text().splitlines()
+    assert "\x00" not in "".join(lines) and lines[1:1 + len(kept)] == kept and len(lines) > 1 + len(kept)
+    assert ckpt(out)["step"] == 10
