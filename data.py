@@ -883,13 +883,14 @@ class Run:
         samples); then every setting is printed."""
         a, loader = self.args, None
         if self.train:
+            images = self.images()
             try:
-                loader = Loader(self.images(), a.batch_size, self.device, seed=a.seed, flip=a.flip, rank=self.rank,
+                loader = Loader(images, a.batch_size, self.device, seed=a.seed, flip=a.flip, rank=self.rank,
                                 world_size=self.world, channels_last=channels_last)
             except DataError as e:
                 fail(e)
             self.n = len(loader)
-            self._check_layout(len(loader.images))
+            self._check_layout(len(images))
         self.log("settings: " + " ".join(f"{k}={v}" for k, v in vars(a).items()))
         return loader
 

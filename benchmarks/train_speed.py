@@ -444,6 +444,10 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    failed = [f"{r.get('model') or ''} {r['kind']}".strip() for r in results + [fid] if r and "error" in r]
+    if failed:  # after the table and the JSON: a broken pipeline must not pass for a measured one
+        sys.exit(f"error: {len(failed)} of {len(results) + bool(fid)} measurements failed ({', '.join(failed)}); "
+                 f"their logs are in {work / 'logs'}")
 
 
 if __name__ == "__main__":
