@@ -140,6 +140,7 @@ def conventional_loader(folder, size, channels, crop, workers):
     class ConventionalLoader:
         def __init__(self, images, batch_size, device, seed=0, **ignored):
             self.device = torch.device(device)
+            self.images = images  # as data.Loader's: a VAE's end-of-epoch reconstructions take their first 32
             self.loader = torch.utils.data.DataLoader(
                 D.ImageFolder(folder, tf), batch_size, shuffle=True, num_workers=workers, drop_last=True,
                 generator=torch.Generator().manual_seed(seed))
