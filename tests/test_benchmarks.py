@@ -44,8 +44,8 @@ def test_train_speed_times_a_script_its_conventional_pipeline_and_the_fid_pass(t
 
 
 def test_train_speed_exits_non_zero_when_a_measurement_fails(tmp_path):
-    """A pipeline that fails is named in one sentence and the exit status is 1, after the table and JSON of
-    the others are printed: a broken benchmark must not pass for a finished one."""
+    """A pipeline that fails (here: a batch larger than the images) is named in one sentence and the exit status
+    is 1, after the table and the JSON are printed: a broken benchmark must not pass for a finished one."""
     rc, stdout, stderr = bench("train_speed", "--models", "mlp_gan", "--jpegs", 20, "--images", 600, "--warmup", 1,
                                "--steps", 2, "--batch-size", 1000, "--fid-images", 0, "--no-conventional",
                                "--device", "cpu", "--work", tmp_path / "work")
